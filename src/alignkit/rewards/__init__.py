@@ -1,0 +1,98 @@
+"""Rewards: anything that gives one score per (prompt, response).
+
+A :class:`RewardFn` is called as ``fn(prompts, responses) -> np.ndarray (B,)``
+with prompts as chat messages. Recipes build them from a *spec*, a string or a
+mapping in the config (see :func:`build_reward`):
+
+- ``profanity``: the built-in ``alt-profanity-check`` classifier, 1 - P(offensive);
+- ``rule:NAME[:ARG]``: small rule rewards (``rule:token_share:WORD``, ``rule:length``);
+- ``python:module:function``: your own ``function(prompts, responses) -> list[float]``;
+- other prefixes (``rm:``, ``classifier:``, ``judge:``) and mappings (weighted
+  or gated combinations) are registered by their modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from alignkit.errors import AlignkitError
+
+Messages = list[dict]
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    name: str
+
+    def __call__(self, prompts: list[Messages], responses: list[str]) -> np.ndarray: ...
+
+
+_FACTORIES: dict[str, Callable[..., RewardFn]] = {}
+_MAPPING_FACTORIES: dict[str, Callable[..., RewardFn]] = {}
+# Modules that register more spec kinds when imported.
+_PLUGINS = ("alignkit.rewards.builtin", "alignkit.rewards.model", "alignkit.rewards.combine",
+            "alignkit.rewards.classifier", "alignkit.rewards.judge")
+
+
+def register(prefix: str):
+    """Register ``factory(arg: str, **ctx) -> RewardFn`` for specs ``prefix:arg``."""
+    def deco(factory):
+        _FACTORIES[prefix] = factory
+        return factory
+    return deco
+
+
+def register_mapping(key: str):
+    """Register ``factory(value, **ctx) -> RewardFn`` for mapping specs ``{key: value}``."""
+    def deco(factory):
+        _MAPPING_FACTORIES[key] = factory
+        return factory
+    return deco
+
+
+def _load_plugins() -> None:
+    for mod in _PLUGINS:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def build_reward(spec: Any, **ctx) -> RewardFn:
+    """Build a RewardFn from a spec string or mapping (see the module docstring)."""
+    _load_plugins()
+    if isinstance(spec, dict):
+        keys = [k for k in spec if k in _MAPPING_FACTORIES]
+        if len(keys) != 1:
+            raise AlignkitError(f"reward spec {spec!r}: use exactly one of {', '.join(sorted(_MAPPING_FACTORIES))}")
+        return _MAPPING_FACTORIES[keys[0]](spec[keys[0]], **{**ctx, **{k: v for k, v in spec.items() if k != keys[0]}})
+    if not isinstance(spec, str) or not spec:
+        raise AlignkitError(f"reward spec must be a string or mapping, got {spec!r}")
+    prefix, _, arg = spec.partition(":")
+    if prefix not in _FACTORIES:
+        raise AlignkitError(f"unknown reward '{spec}'; known kinds: {', '.join(sorted(_FACTORIES))}")
+    return _FACTORIES[prefix](arg, **ctx)
+
+
+def prompt_text(messages: Messages) -> str:
+    """The last user turn of a prompt (what classifiers and judges read)."""
+    for m in reversed(messages):
+        if m["role"] == "user":
+            return m["content"]
+    return messages[-1]["content"]
+
+
+def check_scores(name: str, scores: Any, n: int) -> np.ndarray:
+    """Scores as float64 (B,); a wrong count or a non-finite value is an error, never a zero."""
+    arr = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if arr.shape[0] != n:
+        raise AlignkitError(f"reward '{name}' returned {arr.shape[0]} scores for {n} responses")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise AlignkitError(f"reward '{name}' returned a non-finite score for response {int(bad[0])}")
+    return arr

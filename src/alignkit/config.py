@@ -1,0 +1,251 @@
+"""Typed configs: dataclasses loaded from YAML, with dotted command-line overrides.
+
+Every stage has a dataclass config made of the shared pieces below. A config is
+built by :func:`load_config` from an optional YAML file and ``key.sub=value``
+overrides. Unknown keys, wrong types and out-of-range values raise
+:class:`~alignkit.errors.ConfigError` naming the key and where it came from
+(the file, or "command line").
+
+Ranges and choices are declared once, on the field::
+
+    lr: float = opt(1e-5, gt=0)
+    on_error: str = opt("raise", choices=("raise", "skip"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from alignkit.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def opt(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+        ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, choices: tuple | None = None, help: str = "") -> Any:
+    """A dataclass field with a declared range / choice set, checked on load."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "help": help}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = opt(16, ge=1)
+    alpha: float = opt(32.0, gt=0)
+    dropout: float = opt(0.0, ge=0, lt=1, help="forced to 0 in RL stages")
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from: a hub id, a local folder, ``builtin:...`` or ``tiny:...``."""
+
+    name: str = "builtin:smollm2-135m-instruct"
+    dtype: str = opt("float32", choices=("float32", "bfloat16", "float16", "auto"))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    cache_dir: str | None = opt(None, help="where builtin models are converted to; "
+                                           "default $ALIGNKIT_CACHE or ~/.cache/alignkit")
+    trust_remote_code: bool = False
+    seed: int = opt(0, help="seed for tiny random models")
+
+
+@dataclass
+class DataConfig:
+    """A dataset: a file (.jsonl .json .csv .parquet), a hub name, or ``builtin:prompts``."""
+
+    path: str = ""
+    split: str = "train"
+    format: str = opt("auto", choices=("auto", "sft", "preference", "hh", "ranking", "prompts", "kto"))
+    on_error: str = opt("raise", choices=("raise", "skip"))
+    max_length: int = opt(512, ge=8, help="longest prompt+response in tokens; longer is an error")
+    max_prompt_length: int = opt(256, ge=4)
+    limit: int | None = opt(None, ge=1, help="use only the first N records")
+    eval_path: str = ""
+    eval_fraction: float = opt(0.0, ge=0, lt=1, help="hold out this share when eval_path is empty")
+    kind: str | None = opt(None, help="builtin:prompts only: helpful or red_team")
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = opt(1e-5, gt=0)
+    batch_size: int = opt(8, ge=1)
+    grad_accum: int = opt(1, ge=1)
+    epochs: float = opt(1.0, gt=0)
+    max_steps: int | None = opt(None, ge=1, help="optimizer steps; overrides epochs")
+    warmup_steps: int = opt(0, ge=0)
+    weight_decay: float = opt(0.0, ge=0)
+    max_grad_norm: float = opt(1.0, gt=0)
+    log_every: int = opt(1, ge=1)
+    eval_every: int = opt(0, ge=0, help="0: only at the end")
+    save_every: int = opt(0, ge=0, help="checkpoint every N steps; 0: only at the end")
+    keep_checkpoints: int = opt(2, ge=1)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = opt(64, ge=1)
+    temperature: float = opt(1.0, gt=0)
+    top_p: float = opt(1.0, gt=0, le=1)
+    top_k: int = opt(0, ge=0)
+    do_sample: bool = True
+    batch_size: int = opt(16, ge=1)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple = ()) -> T:
+    """Build ``cls`` from a YAML file and ``key.sub=value`` overrides."""
+    raw: dict = {}
+    source = "defaults"
+    if path:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    cfg = build(cls, raw, source)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: T, overrides: list[str] | tuple) -> T:
+    data = to_dict(cfg)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"command line: override '{item}' must look like key.sub=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                if part not in node:
+                    raise ConfigError(f"command line: unknown config key '{key}'")
+                raise ConfigError(f"command line: '{part}' in '{key}' is not a section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"command line: unknown config key '{key}'")
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    return build(type(cfg), data, "command line")
+
+
+def build(cls: type[T], raw: dict, source: str, prefix: str = "") -> T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = [k for k in fields if k.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        kwargs[name] = _convert(hints[name], raw[name], source, prefix + name, f.metadata)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _convert(tp: Any, value: Any, source: str, key: str, meta: typing.Mapping) -> Any:
+    value = _coerce(tp, value, source, key)
+    if value is None:
+        return None
+    for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                            ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        b = meta.get(bound)
+        if b is not None and not ok(value, b):
+            raise ConfigError(f"{source}: '{key}' must be {word} {b}, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{source}: '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, source, key + ".")
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

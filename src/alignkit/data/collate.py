@@ -1,0 +1,96 @@
+"""Tokenisation, masks and padding shared by every recipe.
+
+Prompt and response are tokenised separately and concatenated, so the boundary
+is exact: the response mask is True on response tokens only (SFT loss, sequence
+log-probabilities for DPO, the PPO action tokens). The response ends with EOS,
+as generation does. Training batches are right-padded; generation batches are
+left-padded (see :mod:`alignkit.rollout`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.errors import DataError
+
+Messages = list[dict]
+
+
+def render_prompt(tokenizer, messages: Messages) -> str:
+    """The prompt text up to where the assistant's answer starts.
+
+    Uses the tokenizer's chat template; a tokenizer without one (a base model)
+    gets the Anthropic HH layout ``\\n\\nHuman: ...\\n\\nAssistant:``.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
+def encode_prompt(tokenizer, messages: Messages) -> list[int]:
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, text: str, add_eos: bool = True) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if add_eos else ids
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One prompt + response: ``input_ids`` and a response mask of the same length."""
+
+    input_ids: list[int]
+    prompt_len: int
+
+    @property
+    def response_mask(self) -> list[bool]:
+        return [False] * self.prompt_len + [True] * (len(self.input_ids) - self.prompt_len)
+
+
+def encode_example(tokenizer, prompt: Messages, response: str, max_length: int, loc: str = "",
+                   field: str = "completion", prompt_ids: list[int] | None = None) -> Encoded:
+    """Tokenise prompt + response; over ``max_length`` is a DataError naming the record."""
+    p = prompt_ids if prompt_ids is not None else encode_prompt(tokenizer, prompt)
+    r = encode_response(tokenizer, response)
+    if len(p) + len(r) > max_length:
+        source, _, location = loc.rpartition(":") if loc else ("data", "", None)
+        raise DataError(source or loc, location or None, field,
+                        f"prompt + response is {len(p) + len(r)} tokens, over data.max_length={max_length}")
+    return Encoded(p + r, len(p))
+
+
+def pad(seqs: list[list[int]], pad_value: int, side: str = "right") -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = []
+    for s in seqs:
+        fill = [pad_value] * (width - len(s))
+        rows.append(s + fill if side == "right" else fill + s)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@dataclass
+class Batch:
+    """A right-padded training batch. ``response_mask`` is True on response tokens."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) bool
+    response_mask: torch.Tensor  # (B, T) bool
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+
+
+def collate(encoded: list[Encoded], pad_id: int) -> Batch:
+    ids = pad([e.input_ids for e in encoded], pad_id)
+    attn = pad([[1] * len(e.input_ids) for e in encoded], 0).bool()
+    resp = pad([[int(x) for x in e.response_mask] for e in encoded], 0).bool()
+    return Batch(ids, attn, resp)
+
+
+def shift_for_lm(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and mask aligned with logits[:, :-1]: token t+1 is predicted at t."""
+    return input_ids[:, 1:], mask[:, 1:]

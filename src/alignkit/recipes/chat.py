@@ -1,0 +1,121 @@
+"""Chat with a model, or generate responses for a prompt file.
+
+    alignkit chat "What is RLHF?"                       # the built-in model
+    alignkit chat --model runs/demo/ppo/final           # interactive when no prompt is given
+    alignkit generate --prompts builtin:prompts --split test --n 4 --out completions.jsonl
+    alignkit generate --prompts p.jsonl --best-of 8 --reward profanity --out best.jsonl
+
+``generate --n K`` writes ``{"prompt", "completions": [...]}`` lines, the input of
+the labeling app and of ``label-ai``; ``--best-of N --reward SPEC`` keeps the
+highest-scoring of N samples per prompt (best-of-N at inference time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from alignkit.config import GenerationConfig, ModelConfig
+from alignkit.data.formats import load_prompts
+from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.rollout import generate
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model name or folder")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+
+
+def _load(args):
+    cfg = ModelConfig(name=args.model, dtype=args.dtype)
+    tok = load_tokenizer(cfg.name, cfg.cache_dir)
+    model = load_causal_lm(cfg, trainable=False, tokenizer=tok)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           do_sample=not args.greedy, batch_size=getattr(args, "batch_size", 16))
+    return model, tok, gen
+
+
+def chat(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alignkit chat", description="chat with a model")
+    _common(p)
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("prompt", nargs="*", help="the message; without one, read messages from stdin")
+    args = p.parse_args(argv)
+    model, tok, gen = _load(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(text: str) -> str:
+        history.append({"role": "user", "content": text})
+        out = generate(model, tok, [list(history)], gen, seed=args.seed)[0]
+        history.append({"role": "assistant", "content": out.text})
+        return out.text
+
+    if args.prompt:
+        text = " ".join(args.prompt)
+        print(f"user: {text}")
+        print(f"assistant: {reply(text)}")
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if line.strip():
+            print(f"assistant: {reply(line.strip())}", flush=True)
+
+
+def generate_cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alignkit generate", description="generate responses for a prompt file")
+    _common(p)
+    p.add_argument("--prompts", required=True, help="prompt file, hub dataset or builtin:prompts")
+    p.add_argument("--split", default="test")
+    p.add_argument("--kind", default=None, help="builtin:prompts only: helpful or red_team")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--best-of", type=int, default=0, help="sample N and keep the best under --reward")
+    p.add_argument("--reward", default=None, help="reward spec for --best-of (e.g. profanity)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="output JSONL")
+    args = p.parse_args(argv)
+    from alignkit.errors import AlignkitError
+
+    if args.best_of and not args.reward:
+        raise AlignkitError("--best-of needs --reward SPEC")
+    prompts = load_prompts(args.prompts, split=args.split, kind=args.kind, limit=args.limit)
+    model, tok, gen = _load(args)
+    n = args.best_of or args.n
+    gens = generate(model, tok, [q.prompt for q in prompts], gen, n=n, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reward = None
+    if args.best_of:
+        from alignkit.rewards import build_reward
+
+        reward = build_reward(args.reward)
+    with out.open("w") as f:
+        for i, q in enumerate(prompts):
+            texts = [g.text for g in gens[i * n:(i + 1) * n]]
+            row = {"id": q.id, "prompt": q.prompt, "model": args.model}
+            if reward is not None:
+                scores = reward([q.prompt] * n, texts).tolist()
+                best = max(range(n), key=scores.__getitem__)
+                row.update(response=texts[best], score=scores[best], scores=scores, completions=texts)
+            elif n == 1:
+                row["response"] = texts[0]
+            else:
+                row["completions"] = texts
+            f.write(json.dumps(row) + "\n")
+    print(f"wrote {len(prompts)} prompts x {n} samples to {out}")
+    return 0
+
+
+def cli(argv: list[str], stage: str = "chat") -> int:
+    return generate_cli(argv) if stage == "generate" else chat(argv)

@@ -1,0 +1,179 @@
+"""Run folders, metrics logs, checkpoints and progress bars.
+
+Each stage writes to ``runs/NAME/STAGE/``::
+
+    config.yaml          the resolved config
+    metrics.jsonl        one JSON line per logged step
+    tb/                  TensorBoard events (the same scalars)
+    checkpoints/step-N/  state to resume from (written atomically)
+    final/               the stage's output (model, dataset, report)
+    DONE                 written last; a pipeline skips stages that have it
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignkit.config import dump_config, to_dict
+from alignkit.errors import AlignkitError
+
+
+class RunDir:
+    def __init__(self, output_dir: str, name: str, stage: str):
+        self.path = Path(output_dir) / name / stage
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def write_config(self, cfg: Any) -> None:
+        dump_config(cfg, self.path / "config.yaml")
+
+    def mark_done(self, summary: dict | None = None) -> None:
+        (self.path / "DONE").write_text(json.dumps(summary or {}, indent=2, default=float))
+
+    def is_done(self) -> bool:
+        return (self.path / "DONE").exists()
+
+
+class MetricsLogger:
+    """Appends one JSON line per step and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run: RunDir, resume_step: int | None = None, tensorboard: bool = True):
+        self.file = run.path / "metrics.jsonl"
+        if resume_step is None:
+            self.file.write_text("")
+        else:  # keep the lines up to the checkpoint; drop those after it
+            kept = [line for line in read_metrics(self.file) if line.get("step", 0) <= resume_step]
+            self.file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run.path / "tb"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- seeds and RNG
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_checkpoint(run: RunDir, step: int, state: dict, keep: int = 2) -> Path:
+    """Write ``state`` (tensors, optimizer dicts, plain data) atomically as step-N.
+
+    The folder is written under a temporary name and renamed, so a kill mid-write
+    leaves the previous checkpoint as the latest one.
+    """
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    final = run.checkpoints / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=run.checkpoints, prefix=".tmp-"))
+    torch.save(state, tmp / "state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(run.checkpoints.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: RunDir) -> Path | None:
+    if not run.checkpoints.exists():
+        return None
+    found = sorted(p for p in run.checkpoints.glob("step-*") if (p / "meta.json").exists())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path / "state.pt", weights_only=False)
+    except (OSError, RuntimeError) as e:
+        raise AlignkitError(f"{path}: cannot read checkpoint ({e})") from None
+
+
+def progress(total: int, description: str):
+    """A rich progress bar (transient off so the last state stays on screen)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
+                   disable=os.environ.get("ALIGNKIT_NO_PROGRESS") == "1")
+    task = bar.add_task(description, total=total, info="")
+    return bar, task
+
+
+def config_hash(cfg: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
