@@ -113,7 +113,9 @@ def _text(rec: Record, key: str, value: Any = None) -> str:
 
 
 def _messages(rec: Record, key: str, value: Any) -> Messages:
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list):
+        raise rec.error(key, f"must be text or a list of chat messages, got {type(value).__name__}")
+    if not value:
         raise rec.error(key, "must be a non-empty list of chat messages")
     out = []
     for i, m in enumerate(value):

@@ -37,7 +37,7 @@ def read_records(path: str, split: str = "train") -> Iterator[Record]:
     """
     p = Path(path)
     suffix = p.suffix.lower()
-    if suffix in FILE_SUFFIXES or p.exists():
+    if suffix in FILE_SUFFIXES or p.is_file():
         if not p.exists():
             raise AlignkitError(f"{path}: no such file")
         if suffix == ".jsonl":
