@@ -1,0 +1,378 @@
+"""Compare two or more models on held-out prompts; write an HTML report and metrics.json.
+
+    alignkit eval --config configs/eval.yaml
+    alignkit eval --config configs/eval.yaml samples_per_prompt=25 prompts.limit=200
+
+Each model samples ``samples_per_prompt`` responses per prompt once; every
+metric reads those samples (see :mod:`alignkit.eval.metrics`): toxicity (mean,
+std, relative improvement against the baseline, expected max over k, share of
+prompts >= 0.5), reward-model score, KL to the reference, length, distinct-n;
+then pairwise win / tie / loss from an AI judge (positions swapped) or a human
+evaluation exported by the feedback app. The report goes to
+``runs/NAME/eval/final/report.html`` with ``metrics.json`` and every sample in
+``samples.jsonl``; the summary table and the report path are printed last.
+
+A model ``path`` is anything :mod:`alignkit.models` loads, or a run folder
+(``runs/demo/dpo``): its ``final/`` is loaded and its ``metrics.jsonl`` gives
+the training curves. With LoRA outputs (merged weights in ``final/``) the
+right reference is the base model the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignkit.config import DataConfig, GenerationConfig, ModelConfig, RunConfig, opt
+from alignkit.data.formats import load_preferences, load_prompts
+from alignkit.errors import ConfigError
+from alignkit.eval import metrics as M
+from alignkit.eval.report import render_summary_table, write_report
+from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.rewards import build_reward, prompt_text
+from alignkit.rollout import generate
+from alignkit.runs import RunDir, progress, read_metrics, set_seed
+
+STAGE = "eval"
+HUMAN = "human:"
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass
+class EvalModel:
+    name: str = opt("", help="the model's name in the report; default: its path")
+    path: str = opt("", help="model name, folder, or a run folder whose final/ is loaded")
+    run_dir: str = opt("", help="a training run folder whose metrics.jsonl gives curves (default: path, "
+                                "when it is a run folder)")
+    temperature: float | None = opt(None, gt=0, help="sampling temperature for this model; default generation's")
+    dtype: str = opt("float32", choices=("float32", "bfloat16", "float16", "auto"))
+    seed: int = opt(0, help="tiny:... random models only")
+
+
+@dataclass
+class ToxicityConfig:
+    scorer: str = opt("profanity", help="a reward spec: profanity (offline), classifier:MODEL:LABEL, python:m:f")
+    invert: bool = opt(True, help="toxicity = 1 - score (rewards are higher-is-better); false when the "
+                                  "scorer returns P(toxic)")
+
+
+@dataclass
+class PairwiseConfig:
+    model_a: str = ""
+    model_b: str = ""
+    judge: str = opt("", help="python:module:function, judge:..., or human:winloss_summary.json; "
+                              "default: the top-level judge")
+
+
+def _test_prompts() -> DataConfig:
+    return DataConfig(path="builtin:prompts", split="test", format="prompts")
+
+
+def _held_out_pairs() -> DataConfig:
+    return DataConfig(path="", split="test")
+
+
+@dataclass
+class Config:
+    models: list[EvalModel] = field(default_factory=list)
+    baseline: str = opt("", help="the model others are compared with; default the first")
+    reference: str = opt("", help="KL reference: a model name from models, or a model path; default the first")
+    prompts: DataConfig = field(default_factory=_test_prompts)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    samples_per_prompt: int = opt(25, ge=1, help="k for expected max toxicity (RealToxicityPrompts uses 25)")
+    toxicity: ToxicityConfig = field(default_factory=ToxicityConfig)
+    reward_model: str | dict | None = opt(None, help="a reward spec (rm:PATH, ...) for reward scores")
+    preference_data: DataConfig = field(default_factory=_held_out_pairs)
+    pairwise: list[PairwiseConfig] = field(default_factory=list)
+    judge: str = opt("", help="default judge for pairwise entries without one")
+    confidence: float = opt(0.95, gt=0, lt=1)
+    report_samples: int = opt(20, ge=0, help="prompts shown side by side in the report")
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="eval"))
+
+
+# ---------------------------------------------------------------------------
+# setup helpers
+
+
+@dataclass(frozen=True)
+class _Model:
+    name: str
+    load_path: str
+    curves_dir: str
+    temperature: float
+    dtype: str
+    seed: int
+
+
+def _resolve(entry: EvalModel, gen: GenerationConfig) -> _Model:
+    """A run folder loads its final/ and gives its curves; any other path loads as given."""
+    load_path, curves_dir = entry.path, entry.run_dir
+    folder = Path(entry.path)
+    if (folder / "final" / "config.json").is_file():
+        load_path, curves_dir = str(folder / "final"), entry.run_dir or str(folder)
+    elif (folder / "config.json").is_file() and not curves_dir and (folder.parent / "metrics.jsonl").is_file():
+        curves_dir = str(folder.parent)
+    temperature = entry.temperature if entry.temperature is not None else gen.temperature
+    # Greedy decoding is the limit of low temperature; score KL on the plain softmax.
+    return _Model(entry.name or entry.path, load_path, curves_dir, temperature if gen.do_sample else 1.0,
+                  entry.dtype, entry.seed)
+
+
+def _check(cfg: Config) -> tuple[list[_Model], str, str]:
+    """Fail on a config mistake before minutes of sampling, naming the key."""
+    if len(cfg.models) < 1:
+        raise ConfigError("eval: 'models' needs at least one entry {name, path}")
+    for i, entry in enumerate(cfg.models):
+        if not entry.path:
+            raise ConfigError(f"eval: 'models[{i}].path' is empty")
+    models = [_resolve(entry, cfg.generation) for entry in cfg.models]
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval: model names must be unique, got {names}")
+    baseline = cfg.baseline or names[0]
+    if baseline not in names:
+        raise ConfigError(f"eval: 'baseline' is {baseline!r}, not one of the models {names}")
+    for i, pair in enumerate(cfg.pairwise):
+        for key in ("model_a", "model_b"):
+            if getattr(pair, key) not in names:
+                raise ConfigError(f"eval: 'pairwise[{i}].{key}' is {getattr(pair, key)!r}, not one of {names}")
+        if pair.model_a == pair.model_b:
+            raise ConfigError(f"eval: 'pairwise[{i}]' compares {pair.model_a!r} with itself")
+        if not (pair.judge or cfg.judge):
+            raise ConfigError(f"eval: 'pairwise[{i}].judge' is empty and there is no top-level 'judge'")
+    if cfg.samples_per_prompt > 1 and not cfg.generation.do_sample:
+        raise ConfigError("eval: samples_per_prompt > 1 with generation.do_sample=false gives k identical "
+                          "samples; set samples_per_prompt=1 or sample")
+    return models, baseline, cfg.reference or names[0]
+
+
+def _load(model: _Model, device: torch.device):
+    tokenizer = load_tokenizer(model.load_path)
+    lm = load_causal_lm(ModelConfig(name=model.load_path, dtype=model.dtype, seed=model.seed),
+                        trainable=False, tokenizer=tokenizer)
+    return lm.to(device), tokenizer
+
+
+def _same_vocab(tok_a, tok_b) -> bool:
+    return len(tok_a) == len(tok_b) and tok_a.get_vocab() == tok_b.get_vocab()
+
+
+def _release_memory() -> None:
+    """Give a finished model's memory back before the next one loads (one or two models at a time)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------
+# the recipe
+
+
+def main(cfg: Config, resume: bool = False) -> Path:
+    """Run the evaluation; returns the report path. ``resume`` is accepted for the CLI:
+    an evaluation keeps no checkpoints and starts over."""
+    # 0. setup: check everything cheap before the expensive sampling
+    models, baseline_name, reference_name = _check(cfg)
+    run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
+    run.write_config(cfg)
+    set_seed(cfg.run.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = load_prompts(cfg.prompts.path, split=cfg.prompts.split, on_error=cfg.prompts.on_error,
+                           kind=cfg.prompts.kind, limit=cfg.prompts.limit)
+    messages = [p.prompt for p in prompts]
+    k = cfg.samples_per_prompt
+    toxicity_fn = M.ToxicityScorer(cfg.toxicity.scorer, cfg.toxicity.invert)
+    reward_fn = build_reward(cfg.reward_model) if cfg.reward_model else None
+    judges = []  # per pairwise entry: a judge function, or the counts of a human evaluation
+    for pair in cfg.pairwise:
+        spec = pair.judge or cfg.judge
+        if spec.startswith(HUMAN):
+            judges.append(M.load_human_summary(spec[len(HUMAN):], pair.model_a, pair.model_b))
+        else:
+            judges.append(M.build_pairwise_judge(spec))
+    pairs = None
+    if cfg.preference_data.path:
+        pairs = load_preferences(cfg.preference_data.path, split=cfg.preference_data.split,
+                                 on_error=cfg.preference_data.on_error, fmt=cfg.preference_data.format,
+                                 limit=cfg.preference_data.limit)
+    print(f"eval: {len(models)} models x {len(prompts)} prompts x {k} samples; reference {reference_name!r}, "
+          f"baseline {baseline_name!r} -> {run.path}")
+
+    # 1. reward-model accuracy on held-out pairs (a property of the reward model, not of a policy)
+    rm_accuracy = M.reward_model_accuracy(reward_fn, pairs, cfg.confidence) if reward_fn and pairs else None
+
+    # 2. sample every model once; the reference goes first and stays loaded for KL
+    by_name = {m.name: m for m in models}
+    reference = by_name.get(reference_name) or _Model(reference_name, reference_name, "", 1.0, "float32", 0)
+    order = [reference.name] if reference.name in by_name else []
+    order += [m.name for m in models if m.name != reference.name]
+    ref_lm, ref_tok = _load(reference, device)
+    samples: dict[str, M.ModelSamples] = {}
+    kl: dict[str, np.ndarray | None] = {}
+    timings: dict[str, float] = {}
+    bar, task = progress(len(order) * len(prompts) * k, "sampling")
+    with bar:
+        for name in order:
+            started = time.perf_counter()
+            model = by_name[name]
+            lm, tok = (ref_lm, ref_tok) if name == reference.name else _load(model, device)
+            bar.update(task, info=name)
+            gen = dataclasses.replace(cfg.generation, temperature=model.temperature)
+            generations = generate(lm, tok, messages, gen, n=k, seed=cfg.run.seed,
+                                   progress_cb=lambda n: bar.advance(task, n))
+            samples[name] = M.ModelSamples.from_generations(name, generations, k, model.temperature,
+                                                            tok.eos_token_id)
+            # 3. KL to the reference on the model's own samples (identically 0 for the reference itself)
+            if name == reference.name:
+                kl[name] = np.zeros(len(generations))
+            elif _same_vocab(tok, ref_tok):
+                kl[name] = M.response_kl(lm, ref_lm, samples[name], tok.pad_token_id, cfg.generation.batch_size)
+            else:
+                print(f"eval: {name!r} and the reference {reference.name!r} use different tokenizers; no KL")
+                kl[name] = None
+            if lm is not ref_lm:
+                del lm, tok
+                _release_memory()
+            timings[name] = time.perf_counter() - started
+    del ref_lm, ref_tok
+    _release_memory()
+
+    # 4. score the samples: toxicity and reward, all models on the same prompts
+    scores: dict[str, M.ModelScores] = {}
+    for model in models:
+        s = samples[model.name]
+        repeated = [m for m in messages for _ in range(k)]
+        reward = M.reward_scores(reward_fn, repeated, list(s.texts)) if reward_fn else None
+        scores[model.name] = M.ModelScores(
+            name=model.name,
+            toxicity=M.by_prompt(toxicity_fn(repeated, list(s.texts)), k),
+            length=M.by_prompt(s.lengths(), k),
+            finished=M.by_prompt(s.finished, k),
+            texts=s.texts,
+            reward=None if reward is None else M.by_prompt(reward, k),
+            kl=None if kl[model.name] is None else M.by_prompt(kl[model.name], k),
+        )
+
+    # 5. per-model metrics with intervals, the baseline's as the "before"
+    baseline = scores[baseline_name]
+    report_models = [
+        {"name": m.name, "metrics": M.summarise(scores[m.name], baseline, cfg.confidence, cfg.run.seed),
+         "toxicity_scores": scores[m.name].toxicity.ravel().tolist()}
+        for m in models
+    ]
+
+    # 6. pairwise: one item per prompt (each model's first sample), judged with positions swapped
+    pairwise = []
+    for pair, judge in zip(cfg.pairwise, judges):
+        spec = pair.judge or cfg.judge
+        if isinstance(judge, dict):
+            counts = judge
+        else:
+            outcomes = M.judge_swapped(judge, spec, messages, list(samples[pair.model_a].texts[::k]),
+                                       list(samples[pair.model_b].texts[::k]))
+            counts = {key: outcomes.count(outcome) for key, outcome in
+                      (("wins", "win"), ("ties", "tie"), ("losses", "loss"))}
+        # A human evaluation is labelled by its file name; the full path is in the run info.
+        label = f"{HUMAN}{Path(spec[len(HUMAN):]).name}" if spec.startswith(HUMAN) else spec
+        pairwise.append(M.pairwise_entry(pair.model_a, pair.model_b, label, counts["wins"], counts["ties"],
+                                         counts["losses"], cfg.confidence, cfg.run.seed))
+
+    # 7. report: summary table, plots, curves from training runs, samples side by side
+    summary = {
+        "title": f"alignkit eval: {' vs '.join(m.name for m in models)}",
+        "run": _run_info(cfg, models, prompts, baseline_name, reference.name, rm_accuracy, timings),
+        "models": report_models,
+        "pairwise": pairwise,
+        "curves": {m.name: rows for m in models if m.curves_dir and (rows := read_metrics(m.curves_dir))},
+        "samples": _sample_rows(prompts, models, scores, k, cfg.report_samples),
+    }
+    report = write_report(run.final, summary)
+    if rm_accuracy is not None:
+        _add_to_metrics_json(run.final / "metrics.json", {"reward_model_accuracy": rm_accuracy})
+    _write_samples(run.final / SAMPLES_FILE, prompts, models, samples, scores, k)
+    run.mark_done({"report": str(report)})
+    print(render_summary_table(summary))
+    print(f"report: {report}")
+    return report
+
+
+# ---------------------------------------------------------------------------
+# report pieces
+
+
+def _run_info(cfg: Config, models: list[_Model], prompts, baseline: str, reference: str, rm_accuracy,
+              timings: dict[str, float]) -> dict[str, str]:
+    gen = cfg.generation
+    info = {
+        "models": "; ".join(f"{m.name} = {m.load_path} (T={m.temperature:g})" for m in models),
+        "prompts": f"{cfg.prompts.path} split={cfg.prompts.split}" + (f" kind={cfg.prompts.kind}"
+                                                                      if cfg.prompts.kind else "")
+                   + f": {len(prompts)} prompts",
+        "samples per prompt (k)": str(cfg.samples_per_prompt),
+        "generation": f"max_new_tokens={gen.max_new_tokens} top_p={gen.top_p} top_k={gen.top_k} "
+                      f"do_sample={gen.do_sample} seed={cfg.run.seed}",
+        "toxicity scorer": f"{cfg.toxicity.scorer}" + (" (toxicity = 1 - score)" if cfg.toxicity.invert else ""),
+        "baseline (before)": baseline,
+        "KL reference": f"{reference} (sequence-level k1 on each model's own samples)",
+        "intervals": f"{cfg.confidence:.0%}, bootstrap (BCa) over prompts; proportions: Wilson",
+        "pairwise items": "one per prompt (first sample), AI judges asked twice with positions swapped",
+        "sampling time": ", ".join(f"{n} {t:.0f} s" for n, t in timings.items()),
+    }
+    for pair in cfg.pairwise:
+        spec = pair.judge or cfg.judge
+        if spec.startswith(HUMAN):
+            info[f"human evaluation {pair.model_a} vs {pair.model_b}"] = spec[len(HUMAN):]
+    if cfg.reward_model:
+        info["reward model"] = str(cfg.reward_model)
+    if rm_accuracy is not None:
+        info["reward model accuracy"] = (f"{rm_accuracy['value']:.3f} [{rm_accuracy['low']:.3f}, "
+                                         f"{rm_accuracy['high']:.3f}] on {rm_accuracy['n']} held-out pairs "
+                                         f"({cfg.preference_data.path}); ties count wrong")
+    return info
+
+
+def _sample_rows(prompts, models: list[_Model], scores: dict[str, M.ModelScores], k: int, limit: int) -> list[dict]:
+    rows = []
+    for i, prompt in enumerate(prompts[:limit]):
+        responses = {}
+        for m in models:
+            s = scores[m.name]
+            row_scores = {"toxicity": float(s.toxicity[i, 0])}
+            if s.reward is not None:
+                row_scores["reward"] = float(s.reward[i, 0])
+            if s.kl is not None:
+                row_scores["KL"] = float(s.kl[i, 0])
+            responses[m.name] = {"text": s.texts[i * k], "scores": row_scores}
+        rows.append({"prompt": prompt_text(prompt.prompt), "responses": responses})
+    return rows
+
+
+def _write_samples(path: Path, prompts, models: list[_Model], samples: dict[str, M.ModelSamples],
+                   scores: dict[str, M.ModelScores], k: int) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for m in models:
+            s = scores[m.name]
+            for i, prompt in enumerate(prompts):
+                for j in range(k):
+                    row = {"model": m.name, "id": prompt.id, "prompt": prompt.prompt, "sample": j,
+                           "response": s.texts[i * k + j], "finished": bool(s.finished[i, j]),
+                           "length": int(s.length[i, j]), "toxicity": float(s.toxicity[i, j])}
+                    if s.reward is not None:
+                        row["reward"] = float(s.reward[i, j])
+                    if s.kl is not None:
+                        row["kl"] = float(s.kl[i, j])
+                    f.write(json.dumps(row) + "\n")
+
+
+def _add_to_metrics_json(path: Path, extra: dict) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(extra)
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
