@@ -1,0 +1,169 @@
+"""Read the JSONL files that a labeling project is created from.
+
+Two kinds, one item a line:
+
+- ranking (from ``alignkit generate`` / ``alignkit label-ai``)::
+
+      {"prompt": str | [{"role", "content"}, ...], "completions": [str, ...], "id"?: str, "meta"?: {...}}
+
+  Keys other than these (``scores``, ``provenance``, ...) are kept in ``meta``.
+- pairwise (from ``alignkit eval``, a human evaluation of two models)::
+
+      {"prompt": ..., "response_a": str, "response_b": str, "model_a": str, "model_b": str, "id"?: str}
+
+  A project compares exactly two models. Lines that name them the other way
+  round are turned around, so that ``model_a`` means the same model on every item.
+
+Every problem is a :class:`~alignkit.errors.DataError` naming file, line and field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkit.errors import AlignkitError, DataError
+
+KINDS = ("ranking", "pairwise")
+MAX_COMPLETIONS = 9  # ranks are typed with the number keys 1-9
+ROLES = ("system", "user", "assistant", "tool")
+_RANKING_KEYS = {"prompt", "completions", "id", "meta"}
+_PAIRWISE_KEYS = {"prompt", "response_a", "response_b", "model_a", "model_b", "id", "meta"}
+
+
+@dataclass
+class ItemSpec:
+    """One item as the storage layer takes it; ``completions`` are in the file's order.
+
+    For pairwise items ``completions`` is ``[response of model_a, response of model_b]``.
+    """
+
+    ext_id: str
+    prompt: str | list[dict]
+    completions: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class ProjectFile:
+    kind: str
+    items: list[ItemSpec]
+    model_a: str | None = None
+    model_b: str | None = None
+
+
+def read_project_file(path: str | Path, kind: str) -> ProjectFile:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AlignkitError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), None, None, f"not UTF-8 text ({e.reason})") from None
+    return parse_project_lines(text.splitlines(), kind, source=str(path))
+
+
+def parse_project_lines(lines: Iterable[str], kind: str, source: str) -> ProjectFile:
+    if kind not in KINDS:
+        raise AlignkitError(f"unknown project kind {kind!r}; use 'ranking' or 'pairwise'")
+    out = ProjectFile(kind, [])
+    seen_ids: dict[str, int] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(source, f"line {lineno}", None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(source, f"line {lineno}", None, "each line must be a JSON object")
+        where = (source, f"line {lineno}")
+        item = _ranking_item(row, where) if kind == "ranking" else _pairwise_item(row, where, out)
+        if item.ext_id == "":
+            item.ext_id = f"line-{lineno}"
+        if item.ext_id in seen_ids:
+            raise DataError(source, f"line {lineno}", "id", f"duplicate id {item.ext_id!r} (first on line {seen_ids[item.ext_id]})")
+        seen_ids[item.ext_id] = lineno
+        out.items.append(item)
+    if not out.items:
+        raise DataError(source, None, None, "no items: the file is empty")
+    return out
+
+
+def _ranking_item(row: dict, where: tuple[str, str]) -> ItemSpec:
+    prompt = _prompt(row, where)
+    completions = row.get("completions")
+    if not isinstance(completions, list):
+        raise DataError(*where, "completions", "missing or not a list of strings")
+    if not 2 <= len(completions) <= MAX_COMPLETIONS:
+        raise DataError(*where, "completions", f"needs 2 to {MAX_COMPLETIONS} completions, got {len(completions)}")
+    for i, c in enumerate(completions):
+        if not isinstance(c, str):
+            raise DataError(*where, f"completions[{i}]", f"must be a string, got {type(c).__name__}")
+    meta = _meta(row, where, _RANKING_KEYS)
+    return ItemSpec(_ext_id(row, where), prompt, list(completions), meta)
+
+
+def _pairwise_item(row: dict, where: tuple[str, str], project: ProjectFile) -> ItemSpec:
+    prompt = _prompt(row, where)
+    values = {}
+    for key in ("response_a", "response_b", "model_a", "model_b"):
+        v = row.get(key)
+        if not isinstance(v, str):
+            raise DataError(*where, key, "missing or not a string")
+        values[key] = v
+    if not values["model_a"].strip() or values["model_a"] == values["model_b"]:
+        raise DataError(*where, "model_b", "model_a and model_b must be two different, non-empty names")
+    responses = [values["response_a"], values["response_b"]]
+    if project.model_a is None:
+        project.model_a, project.model_b = values["model_a"], values["model_b"]
+    if (values["model_a"], values["model_b"]) == (project.model_b, project.model_a):
+        responses.reverse()
+    elif (values["model_a"], values["model_b"]) != (project.model_a, project.model_b):
+        raise DataError(
+            *where, "model_a",
+            f"a pairwise project compares two models ({project.model_a!r} and {project.model_b!r}); "
+            f"this line has {values['model_a']!r} and {values['model_b']!r}",
+        )
+    meta = _meta(row, where, _PAIRWISE_KEYS)
+    return ItemSpec(_ext_id(row, where), prompt, responses, meta)
+
+
+def _prompt(row: dict, where: tuple[str, str]) -> str | list[dict]:
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataError(*where, "prompt", "is empty")
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        for i, m in enumerate(prompt):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                raise DataError(*where, f"prompt[{i}]", f"a chat message needs a 'role' in {ROLES} and a string 'content'")
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    raise DataError(*where, "prompt", "missing, or neither a string nor a non-empty list of chat messages")
+
+
+def _ext_id(row: dict, where: tuple[str, str]) -> str:
+    v = row.get("id")
+    if v is None:
+        return ""
+    if not isinstance(v, (str, int)) or isinstance(v, bool):
+        raise DataError(*where, "id", "must be a string or an integer")
+    v = str(v)
+    if len(v) > 200:
+        raise DataError(*where, "id", "longer than 200 characters")
+    return v
+
+
+def _meta(row: dict, where: tuple[str, str], known: set[str]) -> dict:
+    meta = row.get("meta", {})
+    if not isinstance(meta, dict):
+        raise DataError(*where, "meta", "must be a JSON object")
+    meta = dict(meta)
+    # label-ai writes "scores", "provenance", ...: unknown keys travel along in meta.
+    for k, v in row.items():
+        if k not in known:
+            meta.setdefault(k, v)
+    return meta
