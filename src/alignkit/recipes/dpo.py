@@ -1,0 +1,424 @@
+"""DPO and relatives: optimise the policy on preference data directly, no reward model, no sampling.
+
+    alignkit dpo --config configs/dpo-tiny.yaml
+    alignkit dpo --config configs/dpo.yaml data.path=prefs.jsonl loss.type=ipo loss.beta=0.5
+    alignkit dpo --config configs/dpo.yaml --resume
+
+Rafailov et al. 2023: beta * log(pi(y|x) / ref(y|x)) is an implicit reward, and the
+Bradley-Terry loss on it trains the policy as its own reward model. ``loss.type`` picks
+
+- ``dpo``  (``loss.label_smoothing`` > 0: conservative DPO),
+- ``ipo``  (squared loss; does not push the margin to infinity),
+- ``simpo`` (reference-free, length-normalised, target margin ``loss.simpo_gamma``),
+- ``kto``  (unpaired thumbs-up / thumbs-down data ``{prompt, completion, label}``;
+  preference pairs are split into a desirable and an undesirable example).
+
+The reference is the initial policy. Its log-probabilities are computed once, before
+training, and cached in the run folder (``ref_logps.safetensors``, one row per
+example, keyed by a hash of the token ids, the model config and its weights), so no
+second model is kept and no reference forward runs during training; ``--resume``
+reuses the cache. With LoRA the cache is computed with the adapter disabled, which
+is the initial policy too (LoRA's B matrix starts at zero): caching costs one pass
+over the data instead of one extra forward per step.
+
+Run folder ``runs/NAME/dpo/``: config.yaml, ref_logps.safetensors, metrics.jsonl
+(``loss``, ``chosen_reward``, ``rejected_reward``, ``reward_accuracy``,
+``reward_margin``; ``eval/...`` for the held-out set), tb/, checkpoints/, final/, DONE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, opt, to_dict
+from alignkit.data.collate import Encoded, collate, encode_example, encode_prompt, encode_response, shift_for_lm
+from alignkit.data.formats import KTOExample, PreferencePair, detect_format, load_kto, load_preferences
+from alignkit.data.io import read_records
+from alignkit.errors import AlignkitError, DataError
+from alignkit.losses import dpo_loss, ipo_loss, kto_loss, kto_reference_point, sequence_logprobs, simpo_loss, token_logprobs
+from alignkit.models import adapter_disabled, is_peft, load_causal_lm, load_tokenizer, save_model
+from alignkit.runs import MetricsLogger, RunDir, progress, set_seed
+from alignkit.training import (
+    Resumed,
+    build_optimizer,
+    build_scheduler,
+    clip_and_step,
+    restore_training_state,
+    save_training_state,
+    step_batches,
+    total_steps,
+    trainable_parameters,
+)
+
+STAGE = "dpo"
+REF_CACHE = "ref_logps.safetensors"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class LossConfig:
+    type: str = opt("dpo", choices=("dpo", "ipo", "simpo", "kto"))
+    beta: float = opt(0.1, gt=0, help="dpo/ipo/kto: strength of the implicit KL constraint; simpo: reward scale")
+    label_smoothing: float = opt(0.0, ge=0, le=0.5, help="dpo only: conservative DPO's label-flip probability")
+    simpo_gamma: float = opt(0.5, ge=0, help="simpo only: target reward margin")
+    average_logprobs: bool = opt(False, help="dpo/ipo/kto: mean instead of sum of token log-probs "
+                                             "(simpo always length-normalises)")
+    kto_desirable_weight: float = opt(1.0, gt=0)
+    kto_undesirable_weight: float = opt(1.0, gt=0)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(format="auto"))
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-6, batch_size=8))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class Example:
+    """Two tokenised sequences that share a prompt and go through the model together.
+
+    For pairs, ``a`` is chosen and ``b`` rejected. For KTO, ``a`` is the labelled
+    completion and ``b`` this prompt with *another* example's completion: the
+    mismatched pair that KTO's reference point z0 is estimated from.
+    """
+
+    a: Encoded
+    b: Encoded
+    label: bool = True  # KTO: desirable
+    loc: str = ""
+
+
+def _load_records(path: str, data: DataConfig, kto: bool) -> list:
+    """Preference pairs, or KTO examples when the loss is KTO (pairs are split in two)."""
+    fmt = data.format
+    if fmt == "auto":  # peek at the first record: KTO files load differently
+        first = next(iter(read_records(path, data.split)), None)
+        if first is not None and "__invalid__" not in first.data:
+            fmt = {"kto": "kto", "sft": "sft", "prompts": "prompts"}.get(detect_format(first), "auto")
+    if fmt in ("sft", "prompts"):
+        raise AlignkitError(f"{path}: {fmt} records are not preference data; give prompt/chosen/rejected pairs, "
+                            f"HH transcripts, rankings or (with loss.type=kto) prompt/completion/label")
+    if fmt == "kto":
+        if not kto:
+            raise AlignkitError(f"{path}: these are KTO records (prompt, completion, label); "
+                                f"they need loss.type=kto")
+        return load_kto(path, data.split, data.on_error, data.limit)
+    return load_preferences(path, data.split, data.on_error, fmt, limit=data.limit)
+
+
+def _split_held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``fraction`` of the records; pairs from one ranking stay on one side."""
+    groups: dict = {}
+    for i, r in enumerate(records):
+        key = r.group if isinstance(r, PreferencePair) and r.group >= 0 else ("record", i)
+        groups.setdefault(key, []).append(r)
+    units = list(groups.values())
+    random.Random(seed).shuffle(units)
+    n_eval = max(1, round(len(units) * fraction))
+    if n_eval >= len(units):
+        raise AlignkitError(f"data.eval_fraction={fraction} leaves no training data ({len(units)} records)")
+    held = [r for unit in units[:n_eval] for r in unit]
+    kept = [r for unit in units[n_eval:] for r in unit]
+    return kept, held
+
+
+def _unpair(records: list) -> list[KTOExample]:
+    """KTO on preference pairs: chosen is a desirable example, rejected an undesirable one."""
+    out = []
+    for r in records:
+        if isinstance(r, PreferencePair):
+            out += [KTOExample(r.prompt, r.chosen, True, r.loc), KTOExample(r.prompt, r.rejected, False, r.loc)]
+        else:
+            out.append(r)
+    return out
+
+
+def _check_prompt(prompt_ids: list[int], data: DataConfig, loc: str) -> None:
+    if len(prompt_ids) > data.max_prompt_length:
+        source, _, location = loc.rpartition(":")
+        raise DataError(source or loc, location or None, "prompt",
+                        f"prompt is {len(prompt_ids)} tokens, over data.max_prompt_length={data.max_prompt_length}")
+
+
+def _encode(records: list, tok, data: DataConfig, kto: bool) -> list[Example]:
+    """Tokenise once; too-long records are errors (or skipped, counted, with data.on_error=skip)."""
+    out, skipped, first_error = [], 0, None
+    for i, r in enumerate(records):
+        try:
+            prompt_ids = encode_prompt(tok, r.prompt)
+            _check_prompt(prompt_ids, data, r.loc)
+            if kto:
+                a = encode_example(tok, r.prompt, r.completion, data.max_length, r.loc, "completion", prompt_ids)
+                other = records[(i + 1) % len(records)].completion
+                out.append(Example(a, _mismatched(tok, prompt_ids, other, data.max_length), r.label, r.loc))
+            else:
+                a = encode_example(tok, r.prompt, r.chosen, data.max_length, r.loc, "chosen", prompt_ids)
+                b = encode_example(tok, r.prompt, r.rejected, data.max_length, r.loc, "rejected", prompt_ids)
+                out.append(Example(a, b, True, r.loc))
+        except DataError as e:
+            if data.on_error == "raise":
+                raise
+            skipped, first_error = skipped + 1, first_error or e
+    if skipped:
+        print(f"alignkit: skipped {skipped} of {len(records)} records over the length limits (first: {first_error})")
+    if not out:
+        raise AlignkitError("no usable preference records within data.max_length")
+    return out
+
+
+def _mismatched(tok, prompt_ids: list[int], completion: str, max_length: int) -> Encoded:
+    # Only a KL estimate reads this sequence, so cutting it to fit is harmless,
+    # whereas an error here would blame a record that is fine on its own.
+    room = max(1, max_length - len(prompt_ids))
+    return Encoded(prompt_ids + encode_response(tok, completion)[:room], len(prompt_ids))
+
+
+def load_examples(cfg: Config, tok) -> tuple[list[Example], list[Example]]:
+    """Training and held-out examples (data.eval_path, else a data.eval_fraction share)."""
+    kto = cfg.loss.type == "kto"
+    if not cfg.data.path:
+        raise AlignkitError("data.path is empty: give a preference file or dataset (data.path=prefs.jsonl)")
+    train = _load_records(cfg.data.path, cfg.data, kto)
+    held: list = []
+    if cfg.data.eval_path:
+        held = _load_records(cfg.data.eval_path, cfg.data, kto)
+    elif cfg.data.eval_fraction > 0:
+        train, held = _split_held_out(train, cfg.data.eval_fraction, cfg.run.seed)
+    if kto:
+        train, held = _unpair(train), _unpair(held)
+    return _encode(train, tok, cfg.data, kto), (_encode(held, tok, cfg.data, kto) if held else [])
+
+
+# --------------------------------------------------------------------------- log-probabilities
+
+
+@dataclass
+class SequenceLogps:
+    """Per-example log-probs of the two sequences and their response-token counts, each ``(B,)``."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    len_a: torch.Tensor
+    len_b: torch.Tensor
+
+
+def sequence_logps(model, examples: list[Example], pad_id: int, average: bool = False) -> SequenceLogps:
+    """Log-probs summed over response tokens only; a and b in one concatenated batch.
+
+    One forward over ``[a_0..a_B, b_0..b_B]`` instead of two: half the kernel
+    launches, and both halves see identical weights (matters with dropout or
+    batch-dependent layers).
+    """
+    device = next(model.parameters()).device
+    batch = collate([e.a for e in examples] + [e.b for e in examples], pad_id).to(device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    labels, mask = shift_for_lm(batch.input_ids, batch.response_mask)
+    logps = sequence_logprobs(token_logprobs(logits[:, :-1], labels), mask, average=average)
+    lengths = mask.sum(-1)
+    n = len(examples)
+    return SequenceLogps(logps[:n], logps[n:], lengths[:n], lengths[n:])
+
+
+@torch.no_grad()
+def compute_reference_logps(model, examples: list[Example], pad_id: int, batch_size: int,
+                            average: bool = False) -> dict[str, torch.Tensor]:
+    """Reference log-probs of every example, ``{"a": (N,), "b": (N,)}``, row i = example i."""
+    was_training = model.training
+    model.eval()
+    a, b = torch.zeros(len(examples)), torch.zeros(len(examples))
+    # Similar lengths together: less padding, same values (padding is masked).
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].a.input_ids) + len(examples[i].b.input_ids))
+    with adapter_disabled(model) if is_peft(model) else contextlib.nullcontext():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            out = sequence_logps(model, [examples[i] for i in idx], pad_id, average)
+            a[idx], b[idx] = out.a.float().cpu(), out.b.float().cpu()
+    model.train(was_training)
+    return {"a": a, "b": b}
+
+
+def reference_key(cfg: Config, model, splits: dict[str, list[Example]]) -> str:
+    """What the cached reference depends on: the exact token ids, the model and its initial weights."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": to_dict(cfg.model), "average": cfg.loss.average_logprobs}, sort_keys=True).encode())
+    for name, examples in splits.items():
+        h.update(name.encode())
+        for e in examples:
+            h.update(json.dumps([e.a.input_ids, e.a.prompt_len, e.b.input_ids, e.b.prompt_len]).encode())
+    with torch.no_grad():  # a weights fingerprint: a changed local checkpoint invalidates the cache
+        for name, p in model.named_parameters():
+            h.update(f"{name}:{p.double().sum().item():.10e}".encode())
+    return h.hexdigest()
+
+
+def cached_reference_logps(cfg: Config, run: RunDir, model, pad_id: int,
+                           splits: dict[str, list[Example]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Load the run's reference cache when its key matches; otherwise compute and save it."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    path = run.path / REF_CACHE
+    key = reference_key(cfg, model, splits)
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            stored = (f.metadata() or {}).get("key")
+        if stored == key:
+            flat = load_file(str(path))
+            return {s: {"a": flat[f"{s}.a"], "b": flat[f"{s}.b"]} for s in splits}
+    flat, out = {}, {}
+    for split, examples in splits.items():
+        if examples:
+            out[split] = compute_reference_logps(model, examples, pad_id, cfg.train.batch_size,
+                                                 cfg.loss.average_logprobs)
+        else:
+            out[split] = {"a": torch.zeros(0), "b": torch.zeros(0)}
+        flat[f"{split}.a"], flat[f"{split}.b"] = out[split]["a"], out[split]["b"]
+    tmp = path.with_suffix(".tmp")
+    save_file(flat, str(tmp), metadata={"key": key})
+    tmp.replace(path)
+    return out
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _dpo(pol: SequenceLogps, ref: SequenceLogps, labels: torch.Tensor, lc: LossConfig):
+    return dpo_loss(pol.a, pol.b, ref.a, ref.b, lc.beta, lc.label_smoothing)
+
+
+def _ipo(pol: SequenceLogps, ref: SequenceLogps, labels: torch.Tensor, lc: LossConfig):
+    return ipo_loss(pol.a, pol.b, ref.a, ref.b, lc.beta)
+
+
+def _simpo(pol: SequenceLogps, ref: SequenceLogps | None, labels: torch.Tensor, lc: LossConfig):
+    return simpo_loss(pol.a, pol.b, pol.len_a, pol.len_b, lc.beta, lc.simpo_gamma)
+
+
+def _kto(pol: SequenceLogps, ref: SequenceLogps, labels: torch.Tensor, lc: LossConfig):
+    z0 = kto_reference_point(pol.b, ref.b)  # from the mismatched half, detached
+    return kto_loss(pol.a, ref.a, labels, z0, lc.beta, lc.kto_desirable_weight, lc.kto_undesirable_weight)
+
+
+LOSSES = {"dpo": _dpo, "ipo": _ipo, "simpo": _simpo, "kto": _kto}
+REFERENCE_FREE = {"simpo"}
+
+
+def batch_loss(model, examples: list[Example], idx: list[int], ref: dict | None, cfg: Config, pad_id: int):
+    """The configured loss on examples ``idx``: policy forward + cached reference."""
+    batch = [examples[i] for i in idx]
+    # SimPO normalises by length itself, so it always gets summed log-probs.
+    average = cfg.loss.average_logprobs and cfg.loss.type not in REFERENCE_FREE
+    pol = sequence_logps(model, batch, pad_id, average)
+    ref_logps = None
+    if ref is not None:
+        device = pol.a.device
+        ref_logps = SequenceLogps(ref["a"][idx].to(device), ref["b"][idx].to(device), pol.len_a, pol.len_b)
+    labels = torch.tensor([e.label for e in batch], device=pol.a.device)
+    return LOSSES[cfg.loss.type](pol, ref_logps, labels, cfg.loss)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], ref: dict | None, cfg: Config, pad_id: int) -> dict[str, float]:
+    """Held-out metrics (reward accuracy for pairs), weighted by batch size, prefixed ``eval/``."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    for start in range(0, len(examples), cfg.train.batch_size):
+        idx = list(range(start, min(start + cfg.train.batch_size, len(examples))))
+        _, metrics = batch_loss(model, examples, idx, ref, cfg, pad_id)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v * len(idx)
+    model.train(was_training)
+    return {f"eval/{k}": v / len(examples) for k, v in totals.items()}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def main(cfg: Config, resume: bool = False) -> dict:
+    run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
+    if resume and run.is_done():
+        print(f"{run.path} is already done; nothing to resume")
+        return json.loads((run.path / "DONE").read_text() or "{}")
+    set_seed(cfg.run.seed)
+    tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir, padding_side="right")
+    train_set, eval_set = load_examples(cfg, tok)
+    # rl=True turns dropout off: with dropout the policy's log-probs at step 0
+    # would differ from the (dropout-free) cached reference, and the loss would
+    # not start at log 2.
+    model = load_causal_lm(cfg.model, trainable=True, rl=True, tokenizer=tok).to(_device())
+    model.train()
+    pad_id = tok.pad_token_id
+    run.write_config(cfg)
+    print(f"dpo: {len(train_set)} training and {len(eval_set)} held-out examples, loss {cfg.loss.type}")
+
+    # 1. reference log-probs, once, from the initial policy (before any checkpoint is restored)
+    ref = {"train": None, "eval": None}
+    if cfg.loss.type not in REFERENCE_FREE:
+        t0 = time.time()
+        ref = cached_reference_logps(cfg, run, model, pad_id, {"train": train_set, "eval": eval_set})
+        print(f"dpo: reference log-probs ready ({time.time() - t0:.1f} s)")
+
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(params, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    resumed = restore_training_state(run, model, optimizer, scheduler) if resume else Resumed()
+    logger = MetricsLogger(run, resume_step=resumed.step if resume else None)
+    n_steps = total_steps(len(train_set), cfg.train)
+    bar, task = progress(n_steps, "dpo")
+    started = time.time()
+    eval_metrics: dict[str, float] = {}
+    with bar:
+        bar.update(task, completed=resumed.step)
+        for step, micro_batches in step_batches(len(train_set), cfg.train, cfg.run.seed, resumed.step):
+            # 2. policy log-probs of a and b in one forward; 3. loss against the cached reference
+            n_in_step = sum(len(mb) for mb in micro_batches)
+            sums: dict[str, float] = {}
+            for mb in micro_batches:
+                loss, metrics = batch_loss(model, train_set, mb, ref["train"], cfg, pad_id)
+                # Each loss is a mean over the micro-batch: weight by its share of the step.
+                (loss * len(mb) / n_in_step).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(mb)
+            # 4. update
+            grad_norm = clip_and_step(params, optimizer, scheduler, cfg.train.max_grad_norm)
+            # 5. log, evaluate, checkpoint
+            row = {k: v / n_in_step for k, v in sums.items()}
+            if step % cfg.train.log_every == 0 or step == n_steps:
+                logger.log(step, {**row, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                                  "epoch": step * cfg.train.batch_size * cfg.train.grad_accum / len(train_set)})
+            if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == n_steps):
+                eval_metrics = evaluate(model, eval_set, ref["eval"], cfg, pad_id)
+                logger.log(step, eval_metrics)
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == n_steps:
+                save_training_state(run, step, model, optimizer, scheduler, cfg.train)
+            bar.update(task, completed=step, info=f"loss {row['loss']:.4f}")
+    logger.close()
+
+    save_model(model, tok, run.final, extra={"stage": STAGE, "base": cfg.model.name, "loss": cfg.loss.type})
+    summary = {"steps": n_steps, "train_seconds": round(time.time() - started, 1),
+               "examples": len(train_set), **eval_metrics}
+    run.mark_done(summary)
+    print(f"dpo: saved {run.final}" + (f"; held-out reward accuracy {eval_metrics['eval/reward_accuracy']:.3f}"
+                                        if "eval/reward_accuracy" in eval_metrics else ""))
+    return summary
