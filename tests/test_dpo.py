@@ -62,14 +62,14 @@ def test_dpo_starts_at_log2_and_learns_the_held_out_preference(trained):
     assert train_rows[0]["step"] == 1
     assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert train_rows[0]["reward_margin"] == pytest.approx(0.0, abs=1e-3)
-    evals = [r for r in rows if "eval/reward_accuracy" in r]
+    evals = [r for r in rows if "eval_reward_accuracy" in r]
     assert [r["step"] for r in evals] == [12, 24]
     # Chance is 0.5; 24 steps on a random 2-layer model get well above it.
-    assert evals[-1]["eval/reward_accuracy"] >= 0.75
-    assert evals[-1]["eval/chosen_reward"] > evals[-1]["eval/rejected_reward"]
+    assert evals[-1]["eval_reward_accuracy"] >= 0.75
+    assert evals[-1]["eval_chosen_reward"] > evals[-1]["eval_rejected_reward"]
     assert train_rows[-1]["loss"] < math.log(2) - 0.1
     done = json.loads((run / "DONE").read_text())
-    assert done["eval/reward_accuracy"] == evals[-1]["eval/reward_accuracy"]
+    assert done["eval_reward_accuracy"] == evals[-1]["eval_reward_accuracy"]
     assert (run / "final" / "model.safetensors").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000012", "step-000024"]
 

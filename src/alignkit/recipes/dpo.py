@@ -13,6 +13,10 @@ Bradley-Terry loss on it trains the policy as its own reward model. ``loss.type`
 - ``kto``  (unpaired thumbs-up / thumbs-down data ``{prompt, completion, label}``;
   preference pairs are split into a desirable and an undesirable example).
 
+Data (``data.path``): preference pairs (text or chat), Anthropic HH transcripts, rankings
+(expanded to pairs), KTO records, a hub dataset, or ``synthetic:polite_vs_rude?n=2000``.
+Held-out reward accuracy comes from ``data.eval_path`` or a ``data.eval_fraction`` split.
+
 The reference is the initial policy. Its log-probabilities are computed once, before
 training, and cached in the run folder (``ref_logps.safetensors``, one row per
 example, keyed by a hash of the token ids, the model config and its weights), so no
@@ -23,7 +27,7 @@ over the data instead of one extra forward per step.
 
 Run folder ``runs/NAME/dpo/``: config.yaml, ref_logps.safetensors, metrics.jsonl
 (``loss``, ``chosen_reward``, ``rejected_reward``, ``reward_accuracy``,
-``reward_margin``; ``eval/...`` for the held-out set), tb/, checkpoints/, final/, DONE.
+``reward_margin``; ``eval_...`` for the held-out set), tb/, checkpoints/, final/, DONE.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, opt, to_dict
 from alignkit.data.collate import Encoded, collate, encode_example, encode_prompt, encode_response, shift_for_lm
-from alignkit.data.formats import KTOExample, PreferencePair, detect_format, load_kto, load_preferences
+from alignkit.data.formats import (KTOExample, PreferencePair, detect_format, load_kto, load_preferences,
+                                   parse_preference, parse_ranking, ranking_to_pairs)
 from alignkit.data.io import read_records
 from alignkit.errors import AlignkitError, DataError
 from alignkit.losses import dpo_loss, ipo_loss, kto_loss, kto_reference_point, sequence_logprobs, simpo_loss, token_logprobs
@@ -54,6 +59,7 @@ from alignkit.training import (
     restore_training_state,
     save_training_state,
     step_batches,
+    steps_per_epoch,
     total_steps,
     trainable_parameters,
 )
@@ -106,6 +112,8 @@ class Example:
 
 def _load_records(path: str, data: DataConfig, kto: bool) -> list:
     """Preference pairs, or KTO examples when the loss is KTO (pairs are split in two)."""
+    if path.startswith("synthetic:"):
+        return _synthetic_pairs(path, data)
     fmt = data.format
     if fmt == "auto":  # peek at the first record: KTO files load differently
         first = next(iter(read_records(path, data.split)), None)
@@ -120,6 +128,20 @@ def _load_records(path: str, data: DataConfig, kto: bool) -> list:
                                 f"they need loss.type=kto")
         return load_kto(path, data.split, data.on_error, data.limit)
     return load_preferences(path, data.split, data.on_error, fmt, limit=data.limit)
+
+
+def _synthetic_pairs(path: str, data: DataConfig) -> list[PreferencePair]:
+    """``synthetic:polite_vs_rude?n=..&seed=..`` (or ``synthetic:rankings``), as alignkit rm reads them."""
+    from alignkit.recipes.sft import synthetic_records
+
+    records = synthetic_records(path)
+    pairs: list[PreferencePair] = []
+    for group, rec in enumerate(records[:data.limit] if data.limit else records):
+        if "completions" in rec.data:
+            pairs += ranking_to_pairs(parse_ranking(rec), group=group)
+        else:
+            pairs.append(parse_preference(rec))
+    return pairs
 
 
 def _split_held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -335,7 +357,7 @@ def batch_loss(model, examples: list[Example], idx: list[int], ref: dict | None,
 
 @torch.no_grad()
 def evaluate(model, examples: list[Example], ref: dict | None, cfg: Config, pad_id: int) -> dict[str, float]:
-    """Held-out metrics (reward accuracy for pairs), weighted by batch size, prefixed ``eval/``."""
+    """Held-out metrics (reward accuracy for pairs), weighted by batch size, prefixed ``eval_``."""
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
@@ -345,7 +367,7 @@ def evaluate(model, examples: list[Example], ref: dict | None, cfg: Config, pad_
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v * len(idx)
     model.train(was_training)
-    return {f"eval/{k}": v / len(examples) for k, v in totals.items()}
+    return {f"eval_{k}": v / len(examples) for k, v in totals.items()}
 
 
 def _device() -> torch.device:
@@ -385,6 +407,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     resumed = restore_training_state(run, model, optimizer, scheduler) if resume else Resumed()
     logger = MetricsLogger(run, resume_step=resumed.step if resume else None)
     n_steps = total_steps(len(train_set), cfg.train)
+    spe = steps_per_epoch(len(train_set), cfg.train)
     bar, task = progress(n_steps, "dpo")
     started = time.time()
     eval_metrics: dict[str, float] = {}
@@ -404,12 +427,12 @@ def main(cfg: Config, resume: bool = False) -> dict:
             grad_norm = clip_and_step(params, optimizer, scheduler, cfg.train.max_grad_norm)
             # 5. log, evaluate, checkpoint
             row = {k: v / n_in_step for k, v in sums.items()}
-            if step % cfg.train.log_every == 0 or step == n_steps:
-                logger.log(step, {**row, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                                  "epoch": step * cfg.train.batch_size * cfg.train.grad_accum / len(train_set)})
+            row.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], epoch=step / spe)
             if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == n_steps):
                 eval_metrics = evaluate(model, eval_set, ref["eval"], cfg, pad_id)
-                logger.log(step, eval_metrics)
+                row.update(eval_metrics)
+            if step % cfg.train.log_every == 0 or step == n_steps or "eval_loss" in row:
+                logger.log(step, row)
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == n_steps:
                 save_training_state(run, step, model, optimizer, scheduler, cfg.train)
             bar.update(task, completed=step, info=f"loss {row['loss']:.4f}")
@@ -419,6 +442,6 @@ def main(cfg: Config, resume: bool = False) -> dict:
     summary = {"steps": n_steps, "train_seconds": round(time.time() - started, 1),
                "examples": len(train_set), **eval_metrics}
     run.mark_done(summary)
-    print(f"dpo: saved {run.final}" + (f"; held-out reward accuracy {eval_metrics['eval/reward_accuracy']:.3f}"
-                                        if "eval/reward_accuracy" in eval_metrics else ""))
+    print(f"dpo: saved {run.final}" + (f"; held-out reward accuracy {eval_metrics['eval_reward_accuracy']:.3f}"
+                                        if "eval_reward_accuracy" in eval_metrics else ""))
     return summary
