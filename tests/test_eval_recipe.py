@@ -85,6 +85,21 @@ def test_judge_answer_outside_a_b_tie_is_an_error():
         M.judge_swapped(judge_nonsense, "bad", PROMPTS[:1], ["a"], ["b"])
 
 
+def test_llm_judge_outcomes_mirror_when_the_models_swap_sides(tmp_path):
+    # judge:pairwise from alignkit.judges on a tiny random model, logprob mode: the
+    # soft label averages both orders, so judging (a, b) and (b, a) must mirror exactly.
+    options = {"model": {"name": "tiny:llama", "seed": 3}, "mode": "logprob", "cache": False}
+    judge = M.build_pairwise_judge("judge:pairwise", options)
+    a = ["Sure, here is how.", "No.", "I can help with that.", "Stop asking."]
+    b = ["I would rather not.", "Yes, gladly: first...", "Maybe.", "Happy to help."]
+    forward = judge.compare(PROMPTS, a, b)
+    backward = judge.compare(PROMPTS, b, a)
+    assert backward == [{"win": "loss", "loss": "win", "tie": "tie"}[o] for o in forward]
+    assert set(forward) <= {"win", "tie", "loss"}
+    with pytest.raises(AlignkitError, match="needs a pairwise template"):
+        M.build_pairwise_judge("judge:quality", {**options, "mode": "generate"})
+
+
 def test_unknown_judge_spec_is_an_error():
     with pytest.raises(AlignkitError, match="unknown judge"):
         M.build_pairwise_judge("oracle:gpt")

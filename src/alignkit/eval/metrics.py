@@ -273,30 +273,65 @@ def reward_model_accuracy(fn: RewardFn, pairs: Sequence[PreferencePair],
 # pairwise comparisons
 
 
-def build_pairwise_judge(spec: str) -> PairwiseJudge:
-    """A judge from a spec: ``python:module:function`` with
-    ``function(prompt_messages, response_a, response_b) -> "A" | "B" | "tie"``,
-    or ``judge:...`` when :mod:`alignkit.judges` provides ``build_pairwise_judge``."""
+class SwappedJudge:
+    """A ``python:module:function`` judge, ``function(prompt_messages, response_a, response_b)
+    -> "A" | "B" | "tie"``, asked twice per item with positions swapped (:func:`judge_swapped`)."""
+
+    def __init__(self, fn: PairwiseJudge, name: str):
+        self.fn, self.name = fn, name
+
+    def compare(self, prompts: Sequence[Messages], responses_a: Sequence[str],
+                responses_b: Sequence[str]) -> list[str]:
+        return judge_swapped(self.fn, self.name, prompts, responses_a, responses_b)
+
+    def notes(self) -> str:
+        return "asked twice per item, positions swapped; a disagreement is a tie"
+
+
+class LLMJudge:
+    """``judge:TEMPLATE``: an :mod:`alignkit.judges` pairwise judge. It asks both
+    orders itself (a disagreement is a tie; in logprob mode the two orders' soft
+    labels are averaged), so it is not swapped again here."""
+
+    def __init__(self, judge, name: str):
+        self.judge, self.name = judge, name
+
+    def compare(self, prompts: Sequence[Messages], responses_a: Sequence[str],
+                responses_b: Sequence[str]) -> list[str]:
+        verdicts = self.judge.compare(list(prompts), list(responses_a), list(responses_b))
+        return [{"A": "win", "B": "loss", "tie": "tie"}[v.winner] for v in verdicts]
+
+    def notes(self) -> str:
+        stats_ = getattr(self.judge, "stats", None)
+        return stats_.summary("comparisons") if stats_ is not None else ""
+
+
+def build_pairwise_judge(spec: str, options: dict | None = None) -> SwappedJudge | LLMJudge:
+    """A judge from a spec: ``python:module:function`` (see :class:`SwappedJudge`) or
+    ``judge:TEMPLATE`` (an :mod:`alignkit.judges` pairwise template such as
+    ``judge:pairwise``; ``options`` are :class:`alignkit.judges.JudgeConfig` fields:
+    model, mode, backend, ...). Either has ``compare(prompts, responses_a, responses_b)
+    -> ["win" | "tie" | "loss"]`` from A's point of view."""
     kind, _, arg = spec.partition(":")
     if kind == "python":
         module_name, _, fn_name = arg.rpartition(":")
         if not module_name or not fn_name:
             raise AlignkitError(f"judge '{spec}' must look like python:package.module:function")
         try:
-            return getattr(importlib.import_module(module_name), fn_name)
+            return SwappedJudge(getattr(importlib.import_module(module_name), fn_name), spec)
         except (ImportError, AttributeError) as e:
             raise AlignkitError(f"judge '{spec}': {e}") from None
     if kind == "judge":
-        try:
-            judges = importlib.import_module("alignkit.judges")
-        except ModuleNotFoundError:
-            judges = None
-        factory = getattr(judges, "build_pairwise_judge", None)
-        if factory is None:
-            raise AlignkitError(f"judge '{spec}': alignkit.judges has no pairwise judge yet; "
-                                f"use python:module:function or human:PATH")
-        return factory(arg)
-    raise AlignkitError(f"unknown judge '{spec}'; use python:module:function, judge:... or human:PATH")
+        from alignkit.config import build
+        from alignkit.judges import JudgeConfig, PairwiseJudge as LLMPairwiseJudge, build_judge
+
+        cfg = build(JudgeConfig, {**(options or {}), **({"template": arg} if arg else {})}, "eval: judge_options")
+        judge = build_judge(cfg)
+        if not isinstance(judge, LLMPairwiseJudge):
+            raise AlignkitError(f"judge '{spec}': template '{cfg.template}' scores one response; "
+                                f"a comparison needs a pairwise template (judge:pairwise)")
+        return LLMJudge(judge, spec)
+    raise AlignkitError(f"unknown judge '{spec}'; use python:module:function, judge:TEMPLATE or human:PATH")
 
 
 def _verdict(judge_name: str, raw, item: int) -> str:

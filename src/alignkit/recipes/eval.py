@@ -92,6 +92,8 @@ class Config:
     preference_data: DataConfig = field(default_factory=_held_out_pairs)
     pairwise: list[PairwiseConfig] = field(default_factory=list)
     judge: str = opt("", help="default judge for pairwise entries without one")
+    judge_options: dict = opt(default_factory=dict, help="judge:TEMPLATE only: alignkit.judges JudgeConfig "
+                                                         "fields (model, mode, backend, ...)")
     confidence: float = opt(0.95, gt=0, lt=1)
     report_samples: int = opt(20, ge=0, help="prompts shown side by side in the report")
     run: RunConfig = field(default_factory=lambda: RunConfig(name="eval"))
@@ -125,6 +127,11 @@ def _resolve(entry: EvalModel, gen: GenerationConfig) -> _Model:
                   entry.dtype, entry.seed)
 
 
+def _looks_local(path: str) -> bool:
+    """A folder path rather than a hub id (``org/name``), ``builtin:...`` or ``tiny:...``."""
+    return path.startswith((".", "/", "~")) or path.count("/") >= 2 or "\\" in path
+
+
 def _check(cfg: Config) -> tuple[list[_Model], str, str]:
     """Fail on a config mistake before minutes of sampling, naming the key."""
     if len(cfg.models) < 1:
@@ -132,6 +139,9 @@ def _check(cfg: Config) -> tuple[list[_Model], str, str]:
     for i, entry in enumerate(cfg.models):
         if not entry.path:
             raise ConfigError(f"eval: 'models[{i}].path' is empty")
+        if _looks_local(entry.path) and not Path(entry.path).exists():
+            raise ConfigError(f"eval: 'models[{i}].path' {entry.path!r} does not exist (train it first, "
+                              f"e.g. alignkit dpo -c configs/dpo.yaml, or point at a model folder)")
     models = [_resolve(entry, cfg.generation) for entry in cfg.models]
     names = [m.name for m in models]
     if len(set(names)) != len(names):
@@ -183,7 +193,6 @@ def main(cfg: Config, resume: bool = False) -> Path:
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
     run.write_config(cfg)
     set_seed(cfg.run.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts = load_prompts(cfg.prompts.path, split=cfg.prompts.split, on_error=cfg.prompts.on_error,
                            kind=cfg.prompts.kind, limit=cfg.prompts.limit)
     messages = [p.prompt for p in prompts]
@@ -196,7 +205,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
         if spec.startswith(HUMAN):
             judges.append(M.load_human_summary(spec[len(HUMAN):], pair.model_a, pair.model_b))
         else:
-            judges.append(M.build_pairwise_judge(spec))
+            judges.append(M.build_pairwise_judge(spec, cfg.judge_options))
     pairs = None
     if cfg.preference_data.path:
         pairs = load_preferences(cfg.preference_data.path, split=cfg.preference_data.split,
@@ -208,47 +217,14 @@ def main(cfg: Config, resume: bool = False) -> Path:
     # 1. reward-model accuracy on held-out pairs (a property of the reward model, not of a policy)
     rm_accuracy = M.reward_model_accuracy(reward_fn, pairs, cfg.confidence) if reward_fn and pairs else None
 
-    # 2. sample every model once; the reference goes first and stays loaded for KL
-    by_name = {m.name: m for m in models}
-    reference = by_name.get(reference_name) or _Model(reference_name, reference_name, "", 1.0, "float32", 0)
-    order = [reference.name] if reference.name in by_name else []
-    order += [m.name for m in models if m.name != reference.name]
-    ref_lm, ref_tok = _load(reference, device)
-    samples: dict[str, M.ModelSamples] = {}
-    kl: dict[str, np.ndarray | None] = {}
-    timings: dict[str, float] = {}
-    bar, task = progress(len(order) * len(prompts) * k, "sampling")
-    with bar:
-        for name in order:
-            started = time.perf_counter()
-            model = by_name[name]
-            lm, tok = (ref_lm, ref_tok) if name == reference.name else _load(model, device)
-            bar.update(task, info=name)
-            gen = dataclasses.replace(cfg.generation, temperature=model.temperature)
-            generations = generate(lm, tok, messages, gen, n=k, seed=cfg.run.seed,
-                                   progress_cb=lambda n: bar.advance(task, n))
-            samples[name] = M.ModelSamples.from_generations(name, generations, k, model.temperature,
-                                                            tok.eos_token_id)
-            # 3. KL to the reference on the model's own samples (identically 0 for the reference itself)
-            if name == reference.name:
-                kl[name] = np.zeros(len(generations))
-            elif _same_vocab(tok, ref_tok):
-                kl[name] = M.response_kl(lm, ref_lm, samples[name], tok.pad_token_id, cfg.generation.batch_size)
-            else:
-                print(f"eval: {name!r} and the reference {reference.name!r} use different tokenizers; no KL")
-                kl[name] = None
-            if lm is not ref_lm:
-                del lm, tok
-                _release_memory()
-            timings[name] = time.perf_counter() - started
-    del ref_lm, ref_tok
-    _release_memory()
+    # 2. sample every model once, 3. KL to the reference on each model's own samples
+    samples, kl, timings = _sample_models(cfg, models, reference_name, messages)
 
     # 4. score the samples: toxicity and reward, all models on the same prompts
     scores: dict[str, M.ModelScores] = {}
+    repeated = [m for m in messages for _ in range(k)]  # prompt-major, as the samples
     for model in models:
         s = samples[model.name]
-        repeated = [m for m in messages for _ in range(k)]
         reward = M.reward_scores(reward_fn, repeated, list(s.texts)) if reward_fn else None
         scores[model.name] = M.ModelScores(
             name=model.name,
@@ -268,26 +244,14 @@ def main(cfg: Config, resume: bool = False) -> Path:
         for m in models
     ]
 
-    # 6. pairwise: one item per prompt (each model's first sample), judged with positions swapped
-    pairwise = []
-    for pair, judge in zip(cfg.pairwise, judges):
-        spec = pair.judge or cfg.judge
-        if isinstance(judge, dict):
-            counts = judge
-        else:
-            outcomes = M.judge_swapped(judge, spec, messages, list(samples[pair.model_a].texts[::k]),
-                                       list(samples[pair.model_b].texts[::k]))
-            counts = {key: outcomes.count(outcome) for key, outcome in
-                      (("wins", "win"), ("ties", "tie"), ("losses", "loss"))}
-        # A human evaluation is labelled by its file name; the full path is in the run info.
-        label = f"{HUMAN}{Path(spec[len(HUMAN):]).name}" if spec.startswith(HUMAN) else spec
-        pairwise.append(M.pairwise_entry(pair.model_a, pair.model_b, label, counts["wins"], counts["ties"],
-                                         counts["losses"], cfg.confidence, cfg.run.seed))
+    # 6. pairwise: one item per prompt (each model's first sample)
+    pairwise, judge_notes = _compare(cfg, judges, messages, samples)
 
     # 7. report: summary table, plots, curves from training runs, samples side by side
     summary = {
         "title": f"alignkit eval: {' vs '.join(m.name for m in models)}",
-        "run": _run_info(cfg, models, prompts, baseline_name, reference.name, rm_accuracy, timings),
+        "run": {**_run_info(cfg, models, prompts, baseline_name, reference_name, rm_accuracy, timings),
+                **judge_notes},
         "models": report_models,
         "pairwise": pairwise,
         "curves": {m.name: rows for m in models if m.curves_dir and (rows := read_metrics(m.curves_dir))},
@@ -301,6 +265,77 @@ def main(cfg: Config, resume: bool = False) -> Path:
     print(render_summary_table(summary))
     print(f"report: {report}")
     return report
+
+
+# ---------------------------------------------------------------------------
+# the phases
+
+
+def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messages: list) -> tuple:
+    """k samples per prompt from every model, and each sample's KL to the reference.
+
+    The reference is loaded first and stays loaded, so every other model is
+    scored against it right after sampling: at most two models in memory.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    k = cfg.samples_per_prompt
+    by_name = {m.name: m for m in models}
+    # A reference outside the compared models (e.g. a LoRA run's base) is loaded, never sampled.
+    reference = by_name.get(reference_name) or _Model(reference_name, reference_name, "", 1.0, "float32", 0)
+    order = [reference.name] if reference.name in by_name else []
+    order += [m.name for m in models if m.name != reference.name]
+    ref_lm, ref_tok = _load(reference, device)
+    samples: dict[str, M.ModelSamples] = {}
+    kl: dict[str, np.ndarray | None] = {}
+    timings: dict[str, float] = {}
+    bar, task = progress(len(order) * len(messages) * k, "sampling")
+    with bar:
+        for name in order:
+            started = time.perf_counter()
+            model = by_name[name]
+            lm, tok = (ref_lm, ref_tok) if name == reference.name else _load(model, device)
+            bar.update(task, info=name)
+            gen = dataclasses.replace(cfg.generation, temperature=model.temperature)
+            generations = generate(lm, tok, messages, gen, n=k, seed=cfg.run.seed,
+                                   progress_cb=lambda n: bar.advance(task, n))
+            samples[name] = M.ModelSamples.from_generations(name, generations, k, model.temperature,
+                                                            tok.eos_token_id)
+            if name == reference.name:
+                kl[name] = np.zeros(len(generations))  # the same weights: exactly 0
+            elif _same_vocab(tok, ref_tok):
+                kl[name] = M.response_kl(lm, ref_lm, samples[name], tok.pad_token_id, cfg.generation.batch_size)
+            else:
+                print(f"eval: {name!r} and the reference {reference.name!r} use different tokenizers; no KL")
+                kl[name] = None
+            if lm is not ref_lm:
+                del lm, tok
+                _release_memory()
+            timings[name] = time.perf_counter() - started
+    del ref_lm, ref_tok
+    _release_memory()
+    return samples, kl, timings
+
+
+def _compare(cfg: Config, judges: list, messages: list, samples: dict[str, M.ModelSamples]) -> tuple[list, dict]:
+    """Win / tie / loss per pairwise entry, from a judge on the first samples or a human evaluation."""
+    k = cfg.samples_per_prompt
+    rows, notes = [], {}
+    for pair, judge in zip(cfg.pairwise, judges):
+        spec = pair.judge or cfg.judge
+        if isinstance(judge, dict):
+            counts = judge
+        else:
+            # One item per prompt: k samples of a prompt are not independent items for the sign test.
+            outcomes = judge.compare(messages, list(samples[pair.model_a].texts[::k]),
+                                     list(samples[pair.model_b].texts[::k]))
+            notes[f"judge {spec}: {pair.model_a} vs {pair.model_b}"] = judge.notes()
+            counts = {key: outcomes.count(outcome) for key, outcome in
+                      (("wins", "win"), ("ties", "tie"), ("losses", "loss"))}
+        # A human evaluation is labelled by its file name; the full path is in the run info.
+        label = f"{HUMAN}{Path(spec[len(HUMAN):]).name}" if spec.startswith(HUMAN) else spec
+        rows.append(M.pairwise_entry(pair.model_a, pair.model_b, label, counts["wins"], counts["ties"],
+                                     counts["losses"], cfg.confidence, cfg.run.seed))
+    return rows, notes
 
 
 # ---------------------------------------------------------------------------
@@ -322,7 +357,7 @@ def _run_info(cfg: Config, models: list[_Model], prompts, baseline: str, referen
         "baseline (before)": baseline,
         "KL reference": f"{reference} (sequence-level k1 on each model's own samples)",
         "intervals": f"{cfg.confidence:.0%}, bootstrap (BCa) over prompts; proportions: Wilson",
-        "pairwise items": "one per prompt (first sample), AI judges asked twice with positions swapped",
+        "pairwise items": "one per prompt (each model's first sample); AI judges see both orders",
         "sampling time": ", ".join(f"{n} {t:.0f} s" for n, t in timings.items()),
     }
     for pair in cfg.pairwise:
