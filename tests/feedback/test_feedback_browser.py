@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-DOCS_SCREENSHOT = "docs/images/ranking-task.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "ranking-task.png"
 
 SKY = {
     "id": "sky",
@@ -89,7 +90,8 @@ def test_ranking_by_keyboard_and_drag(tmp_path, chromium, live_server, output_di
     assert "Ranking complete" in page.locator("#status").inner_text()
     page.screenshot(path=str(output_dir / "1-ranking-task.png"))
     if os.environ.get("ALIGNKIT_UPDATE_SCREENSHOT") == "1":
-        page.screenshot(path=DOCS_SCREENSHOT)
+        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(DOCS_SCREENSHOT))
     # Guidelines are one key (or click) away, and Escape brings the task back.
     page.keyboard.press("g")
     assert page.locator("#guidelines-dialog").is_visible()

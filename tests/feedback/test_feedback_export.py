@@ -30,10 +30,10 @@ def test_consensus_mean_rank_pairs_by_hand():
     ]
 
 
-def test_majority_cant_rank_drops_the_item():
+def test_items_flagged_by_at_least_half_are_dropped():
     assert consensus_pairs(_ranked([1, 2, 3], None, None)) == ([], "cant_rank")
-    # Exactly half is not a majority: the ranking that exists is used.
-    pairs, dropped = consensus_pairs(_ranked([1, 2, 3], None))
+    assert consensus_pairs(_ranked([1, 2, 3], None)) == ([], "cant_rank")  # half is enough
+    pairs, dropped = consensus_pairs(_ranked([1, 2, 3], [1, 2, 3], None))
     assert dropped is None and len(pairs) == 3
 
 
@@ -148,3 +148,39 @@ def test_pairwise_lines_naming_the_models_the_other_way_round_are_turned_around(
     pf = parse_project_lines(lines, "pairwise", "e.jsonl")
     assert (pf.model_a, pf.model_b) == ("m1", "m2")
     assert [it.completions for it in pf.items] == [["from m1", "from m2"], ["from m1", "from m2"]]
+
+
+def test_rankings_export_reads_back_with_alignkits_ranking_reader(tmp_path, sqlite_url, fb):
+    # rankings.jsonl is what `alignkit rm` trains on: its reader must take it, and its
+    # mean_rank rule must give exactly the pairs of preferences.jsonl.
+    formats = pytest.importorskip("alignkit.data.formats")
+    store = Store(sqlite_url)
+    store.create_project("r", parse_project_lines(fb.ranking_lines(4, k=3), "ranking", "in.jsonl"), overlap=3)
+    who = [store.labeler_for_token(store.invite("r", n)) for n in ("u", "v", "w")]
+    labels = {1: ([1, 2, 3], [2, 2, 1], None), 2: ([1, 1, 3], None, None), 3: ([3, 1, 2], [3, 1, 2], [1, 3, 2])}
+    for item, per_labeler in labels.items():
+        for labeler, ranks in zip(who, per_labeler):
+            store.submit(labeler, item, ranks=ranks, cant_rank=ranks is None)
+    export_project(store, "r", tmp_path / "out")
+    store.close()
+
+    items = formats.load_rankings(str(tmp_path / "out" / "rankings.jsonl"))
+    assert len(items) == 3
+    # (Their reader holds a text prompt as one user message; compare the pairs.)
+    theirs = [(p.chosen, p.rejected, p.margin) for it in items for p in formats.ranking_to_pairs(it, "mean_rank")]
+    ours = [json.loads(x) for x in (tmp_path / "out" / "preferences.jsonl").read_text().splitlines()]
+    assert theirs == [(p["chosen"], p["rejected"], pytest.approx(p["margin"])) for p in ours]
+    # Item 1 means (1.5, 2, 2): 2 pairs; item 2: two of three flagged, dropped;
+    # item 3 means (7/3, 5/3, 2): 3 pairs.
+    assert len(ours) == 2 + 0 + 3
+
+
+def test_alignkit_label_through_the_main_cli(tmp_path, fb, capsys):
+    from alignkit.cli import main as alignkit_main
+
+    src = tmp_path / "gen.jsonl"
+    src.write_text("\n".join(fb.ranking_lines(2)) + "\n")
+    db = f"sqlite:///{tmp_path / 'main.db'}"
+    assert alignkit_main(["label", "create-project", "--db", db, "--file", str(src), "--kind", "ranking", "--name", "r"]) == 0
+    assert alignkit_main(["label", "status", "--db", db]) == 0
+    assert "r (ranking): 2 items x 3 labelers, 0 labels" in capsys.readouterr().out

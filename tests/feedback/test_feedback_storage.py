@@ -44,13 +44,14 @@ def test_submit_is_idempotent_and_a_change_updates_the_same_row(store, fb):
     assert status == "created"
     assert store.submit(a, item, ranks=[2, 1, 3], submission_id="s1") == (label_id, "unchanged")
     assert store.submit(a, item, ranks=[1, 1, 3], submission_id="s2") == (label_id, "updated")
-    # A late retry of s2's predecessor must not undo s2 ... but s2 itself resent is a no-op:
-    assert store.submit(a, item, ranks=[1, 1, 3], submission_id="s2") == (label_id, "unchanged")
+    assert store.submit(a, item, ranks=[1, 1, 2], submission_id="s3") == (label_id, "unchanged")  # same label
+    # A late retry of s1 (sent before s2, arriving after it) must not undo s2.
+    assert store.submit(a, item, ranks=[2, 1, 3], submission_id="s1") == (label_id, "unchanged")
     with store.read() as s:
         assert s.scalar(select(func.count()).select_from(Label)) == 1
-        assert s.scalar(select(Label.ranks)) == [1, 1, 3]
+        assert s.scalar(select(Label.ranks)) == [1, 1, 2]  # stored dense
         assert s.scalar(select(Label.revision)) == 2
-    assert store.task(a, item).my_label == {"ranks": [1, 1, 3], "cant_rank": False}
+    assert store.task(a, item).my_label == {"ranks": [1, 1, 2], "cant_rank": False}
 
 
 def test_unique_per_item_and_labeler_under_concurrent_retries(store, fb):
@@ -161,8 +162,9 @@ def test_summary_and_records(store, fb):
     assert [lab.labeler for lab in records[0].labels] == ["labeler0", "labeler1"]
 
 
-def test_normalise_ranks_competition_form():
-    # "1 + how many completions are strictly better"
-    assert normalise_ranks([1, 1, 2], 3) == [1, 1, 3]
+def test_normalise_ranks_dense_form():
+    # Ties share a rank and the next rank follows: alignkit's ranking format.
+    assert normalise_ranks([1, 1, 3], 3) == [1, 1, 2]
     assert normalise_ranks([3, 1, 2], 3) == [3, 1, 2]
     assert normalise_ranks([2, 2, 2], 3) == [1, 1, 1]
+    assert normalise_ranks([4, 1, 4, 2], 4) == [3, 1, 3, 2]

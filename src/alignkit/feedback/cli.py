@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def cli(argv: list[str], stage: str = "label") -> int:
+    """Entry point for ``alignkit label ...`` (the main CLI passes the arguments after "label")."""
+    return main(argv)
+
+
 def _store(args):
     from alignkit.feedback.storage import Store
 

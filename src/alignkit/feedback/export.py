@@ -28,12 +28,17 @@ Consensus rules
 ---------------
 Ranking -> preference pairs, per item:
 
-1. Items where more than half of the labelers flagged "can't rank" are dropped
+1. Items where at least half of the labelers flagged "can't rank" are dropped
    (and counted as ``dropped_cant_rank``). Items with no label are skipped.
-2. Each completion's mean rank is taken over the labelers who did rank it.
+2. Each completion's mean rank is taken over the labelers who did rank it
+   (ranks are dense: ties share a rank and the next rank follows).
 3. Every pair of completions whose mean ranks differ becomes one preference:
    chosen = the lower (better) mean rank, margin = the difference of the mean
    ranks (> 0). Pairs with equal mean ranks (a consensus tie) give no pair.
+
+This is the ``mean_rank`` aggregation of ``alignkit.data.formats.ranking_to_pairs``,
+so training on ``preferences.jsonl`` or on ``rankings.jsonl`` with that rule
+gives the same pairs.
 
 Pairwise -> outcome, per item: the majority choice among its labelers; when two
 or more choices share the most votes the item counts as a tie.
@@ -67,12 +72,9 @@ def consensus_pairs(r: ItemRecord) -> tuple[list[dict], str | None]:
     """Preference pairs from one item's rankings -> (pairs, why dropped or None)."""
     if not r.labels:
         return [], "unlabeled"
-    flagged = sum(lab.cant_rank for lab in r.labels)
-    if flagged * 2 > len(r.labels):
-        return [], "cant_rank"
     ranked = [lab.ranks for lab in r.labels if not lab.cant_rank and lab.ranks is not None]
-    if not ranked:
-        return [], "cant_rank"  # half flagged and the other half had nothing
+    if len(ranked) * 2 <= len(r.labels):  # at least half flagged it
+        return [], "cant_rank"
     k = len(r.completions)
     mean = [sum(ranks[i] for ranks in ranked) / len(ranked) for i in range(k)]
     pairs = []

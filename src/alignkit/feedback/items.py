@@ -102,6 +102,12 @@ def _ranking_item(row: dict, where: tuple[str, str]) -> ItemSpec:
     for i, c in enumerate(completions):
         if not isinstance(c, str):
             raise DataError(*where, f"completions[{i}]", f"must be a string, got {type(c).__name__}")
+    # Nobody can rank two copies of one text, and alignkit's ranking reader refuses them.
+    seen: dict[str, int] = {}
+    for i, c in enumerate(completions):
+        if c.strip() in seen:
+            raise DataError(*where, f"completions[{i}]", f"identical to completions[{seen[c.strip()]}]")
+        seen[c.strip()] = i
     meta = _meta(row, where, _RANKING_KEYS)
     return ItemSpec(_ext_id(row, where), prompt, list(completions), meta)
 

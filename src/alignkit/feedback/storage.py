@@ -38,6 +38,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -46,7 +47,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -162,10 +163,55 @@ class Label(Base):
     ranks: Mapped[list | None] = mapped_column(JSON)  # ranking: 1 = best, equal = tie
     cant_rank: Mapped[bool] = mapped_column(Boolean, default=False)
     winner: Mapped[str | None] = mapped_column(String(16))  # pairwise: one of WINNERS
-    submission_id: Mapped[str | None] = mapped_column(String(64))
     revision: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Submission(Base):
+    """The client-chosen ids of submissions already applied: sending one again is a no-op,
+    even after a newer edit of the same label (a late retry must not undo it)."""
+
+    __tablename__ = "fb_submissions"
+    __table_args__ = (UniqueConstraint("labeler_id", "submission_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("fb_labelers.id", ondelete="CASCADE"))
+    submission_id: Mapped[str] = mapped_column(String(64))
+    label_id: Mapped[int] = mapped_column(ForeignKey("fb_labels.id", ondelete="CASCADE"))
+
+
+# ---------------------------------------------------------------------------
+# The statements every label goes through, built once. Building a statement
+# costs more than SQLite takes to run it; these are compiled once and cached.
+
+_items, _labels, _labelers, _projects = Item.__table__, Label.__table__, Labeler.__table__, Project.__table__
+_assignments, _submissions = Assignment.__table__, Submission.__table__
+
+_LABELER_BY_TOKEN = (
+    select(_labelers.c.id, _labelers.c.name, _projects.c.name, _projects.c.id, _projects.c.kind)
+    .join(_projects, _projects.c.id == _labelers.c.project_id)
+    .where(_labelers.c.token_hash == bindparam("token_hash"))
+)
+_ITEM_TO_LABEL = select(_items.c.project_id, _items.c.swapped, _items.c.n_completions).where(_items.c.id == bindparam("item_id"))
+_APPLIED = select(_submissions.c.label_id).where(
+    _submissions.c.labeler_id == bindparam("labeler_id"), _submissions.c.submission_id == bindparam("submission_id")
+)
+_EXISTING_LABEL = select(_labels.c.id, _labels.c.ranks, _labels.c.cant_rank, _labels.c.winner).where(
+    _labels.c.item_id == bindparam("item_id"), _labels.c.labeler_id == bindparam("labeler_id")
+)
+_CHANGE_LABEL = (
+    _labels.update()
+    .where(_labels.c.id == bindparam("label_id"))
+    .values(ranks=bindparam("new_ranks", type_=JSON), cant_rank=bindparam("new_cant_rank"),
+            winner=bindparam("new_winner"), updated_at=bindparam("now"), revision=_labels.c.revision + 1)
+)
+_ANSWER_ASSIGNMENT = (
+    _assignments.update()
+    .where(_assignments.c.item_id == bindparam("the_item"), _assignments.c.labeler_id == bindparam("the_labeler"))
+    .values(expires_at=None)
+)
+_INSERT_LABEL = _labels.insert()
+_INSERT_SUBMISSION = _submissions.insert()
 
 
 # ---------------------------------------------------------------------------
@@ -246,23 +292,25 @@ class ProjectSummary:
 
 
 def normalise_ranks(ranks: object, k: int) -> list[int]:
-    """Check a ranking of k completions and write it in competition form.
+    """Check a ranking of k completions and write it in dense form.
 
     ``ranks[i]`` is the 1-based rank of completion i, equal numbers are ties.
-    Any order-preserving numbering is accepted; it is stored as "1 + how many
-    completions are strictly better", so [1, 1, 2] becomes [1, 1, 3].
+    Any order-preserving numbering is accepted and stored dense, the form that
+    alignkit's ranking reader takes: ties share a rank and the next rank
+    follows, so [1, 1, 3] becomes [1, 1, 2].
 
     >>> normalise_ranks([2, 1, 2], 3)
     [2, 1, 2]
-    >>> normalise_ranks([1, 1, 2], 3)
-    [1, 1, 3]
+    >>> normalise_ranks([1, 1, 3], 3)
+    [1, 1, 2]
     """
     if not isinstance(ranks, list) or len(ranks) != k:
         raise Invalid(f"ranks must be a list of {k} integers, one per completion")
     for r in ranks:
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= k:
             raise Invalid(f"each rank must be an integer from 1 to {k}, got {r!r}")
-    return [1 + sum(other < r for other in ranks) for r in ranks]
+    dense = {r: i for i, r in enumerate(sorted(set(ranks)), 1)}
+    return [dense[r] for r in ranks]
 
 
 def choice_to_winner(choice: str, swapped: bool) -> str:
@@ -323,6 +371,12 @@ class Store:
         """One committed transaction; returns only after the commit."""
         with self._write_lock, Session(self._write_engine, expire_on_commit=False) as s, s.begin():
             yield s
+
+    @contextmanager
+    def write_conn(self) -> Iterator[Connection]:
+        """Like :meth:`write`, on a bare Core connection (the per-label path)."""
+        with self._write_lock, self._write_engine.begin() as conn:
+            yield conn
 
     # -- projects ----------------------------------------------------------
 
@@ -416,12 +470,8 @@ class Store:
     def labeler_for_token(self, token: str) -> LabelerInfo | None:
         if not token or len(token) > 200:
             return None
-        with self.engine.connect() as c:  # every API request comes through here: Core, no Session
-            row = c.execute(
-                select(Labeler.id, Labeler.name, Project.name, Project.id, Project.kind)
-                .join(Project, Project.id == Labeler.project_id)
-                .where(Labeler.token_hash == hash_token(token))
-            ).first()
+        with self.engine.connect() as c:  # every API request comes through here
+            row = c.execute(_LABELER_BY_TOKEN, {"token_hash": hash_token(token)}).first()
         return LabelerInfo(*row) if row else None
 
     # -- tasks -------------------------------------------------------------
@@ -517,7 +567,8 @@ class Store:
     ) -> tuple[int, str]:
         """Store the labeler's label on an item: -> (label id, "created" | "updated" | "unchanged").
 
-        Idempotent: sending the same label again (a client retry) changes nothing.
+        Idempotent: sending the same label again changes nothing, and neither does
+        resending a ``submission_id`` that was applied before (ids are per labeler).
         A labeler may change their own label at any time; nobody else's.
         """
         for attempt in range(3):
@@ -531,52 +582,51 @@ class Store:
         raise AssertionError("unreachable")
 
     def _submit_once(self, who, item_id, ranks, cant_rank, choice, submission_id) -> tuple[int, str]:
-        # The hot path of the app (every label goes through it): plain Core
-        # statements on a few columns, no ORM objects.
+        # The hot path of the app: prebuilt Core statements on a bare connection.
         now = utcnow()
-        with self.write() as s:
-            item = s.execute(select(Item.project_id, Item.swapped, Item.n_completions).where(Item.id == item_id)).first()
+        key = {"item_id": item_id, "labeler_id": who.id}
+        with self.write_conn() as c:
+            item = c.execute(_ITEM_TO_LABEL, key).first()
             if item is None or item.project_id != who.project_id:
                 raise NotFound(f"no item {item_id} in this project")
             ranks, cant_rank, winner = _check_label(who.kind, item.n_completions, item.swapped, ranks, cant_rank, choice)
+            if submission_id is not None:
+                applied = c.execute(_APPLIED, {"labeler_id": who.id, "submission_id": submission_id}).scalar()
+                if applied is not None:
+                    return applied, "unchanged"
 
-            label = s.execute(
-                select(Label.id, Label.ranks, Label.cant_rank, Label.winner, Label.submission_id)
-                .where(Label.item_id == item_id, Label.labeler_id == who.id)
-            ).first()
+            label = c.execute(_EXISTING_LABEL, key).first()
             if label is not None:
                 if (label.ranks, bool(label.cant_rank), label.winner) == (ranks, cant_rank, winner):
                     return label.id, "unchanged"
-                if submission_id is not None and label.submission_id == submission_id:
-                    return label.id, "unchanged"  # a late retry must not undo a newer edit
-                s.execute(
-                    update(Label).where(Label.id == label.id).values(
-                        ranks=ranks, cant_rank=cant_rank, winner=winner, submission_id=submission_id,
-                        updated_at=now, revision=Label.revision + 1,
-                    )
-                )
+                c.execute(_CHANGE_LABEL, {"label_id": label.id, "new_ranks": ranks, "new_cant_rank": cant_rank,
+                                          "new_winner": winner, "now": now})
+                self._record_submission(c, who, submission_id, label.id)
                 return label.id, "updated"
 
-            answered = s.execute(
-                update(Assignment).where(Assignment.item_id == item_id, Assignment.labeler_id == who.id).values(expires_at=None)
-            )
-            if answered.rowcount == 0:
+            if c.execute(_ANSWER_ASSIGNMENT, {"the_item": item_id, "the_labeler": who.id}).rowcount == 0:
                 # Never handed out, or the lease ran out and the slot was reclaimed:
                 # accept if the item still has room.
-                overlap = s.scalar(select(Project.overlap).where(Project.id == who.project_id).with_for_update())
-                n_assigned = s.scalar(select(Item.n_assigned).where(Item.id == item_id))
+                overlap = c.scalar(select(Project.overlap).where(Project.id == who.project_id).with_for_update())
+                n_assigned = c.scalar(select(Item.n_assigned).where(Item.id == item_id))
                 if n_assigned >= overlap:
                     raise Conflict(f"item {item_id} already has its {overlap} labelers")
-                s.execute(insert(Assignment).values(project_id=who.project_id, item_id=item_id, labeler_id=who.id,
+                c.execute(insert(Assignment).values(project_id=who.project_id, item_id=item_id, labeler_id=who.id,
                                                     assigned_at=now, expires_at=None))
-                s.execute(update(Item).where(Item.id == item_id).values(n_assigned=Item.n_assigned + 1))
-            result = s.execute(
-                insert(Label).values(
-                    project_id=who.project_id, item_id=item_id, labeler_id=who.id, ranks=ranks, cant_rank=cant_rank,
-                    winner=winner, submission_id=submission_id, revision=1, created_at=now, updated_at=now,
-                )
+                c.execute(update(Item).where(Item.id == item_id).values(n_assigned=Item.n_assigned + 1))
+            result = c.execute(
+                _INSERT_LABEL,
+                {"project_id": who.project_id, "item_id": item_id, "labeler_id": who.id, "ranks": ranks,
+                 "cant_rank": cant_rank, "winner": winner, "revision": 1, "created_at": now, "updated_at": now},
             )
-            return result.inserted_primary_key[0], "created"
+            label_id = result.inserted_primary_key[0]
+            self._record_submission(c, who, submission_id, label_id)
+            return label_id, "created"
+
+    @staticmethod
+    def _record_submission(c: Connection, who: LabelerInfo, submission_id: str | None, label_id: int) -> None:
+        if submission_id is not None:
+            c.execute(_INSERT_SUBMISSION, {"labeler_id": who.id, "submission_id": submission_id, "label_id": label_id})
 
     def my_labels(self, who: LabelerInfo) -> list[dict]:
         with self.read() as s:

@@ -101,13 +101,10 @@ function setupRanking() {
   function ranked() { return new Set(groups.flat()); }
   function snapshot() { history.push({ groups: groups.map((g) => g.slice()), cantRank }); }
 
+  // Dense ranks, as stored: ties share a rank and the next rank follows ([1, 1, 2]).
   function ranksFromGroups() {
     const ranks = new Array(k).fill(0);
-    let better = 0;
-    for (const g of groups) {
-      for (const i of g) ranks[i] = better + 1;
-      better += g.length;
-    }
+    groups.forEach((g, gi) => { for (const i of g) ranks[i] = gi + 1; });
     return ranks;
   }
 
