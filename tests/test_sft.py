@@ -1,0 +1,159 @@
+"""alignkit sft: response-only loss, packing, LoRA/merged outputs, resume, located errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit import cli
+from alignkit.config import ModelConfig, load_config
+from alignkit.data.collate import encode_example, shift_for_lm
+from alignkit.data.formats import SFTExample
+from alignkit.losses import sft_loss
+from alignkit.models import load_causal_lm
+from alignkit.recipes import sft
+from alignkit.runs import read_metrics
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DATA = Path(__file__).resolve().parent / "data"
+TINY = str(CONFIGS / "sft-tiny.yaml")
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+EXAMPLES = [
+    SFTExample(user("How do I boil an egg?"), "Put it in boiling water for nine minutes.", "mem:1"),
+    SFTExample(user("Name a colour."), "Red.", "mem:2"),
+    SFTExample(user("Say hello politely, please."), "Hello! It is nice to meet you.", "mem:3"),
+    SFTExample([{"role": "system", "content": "Be brief."}, *user("Why is the sky blue?")],
+               "Air scatters blue light the most.", "mem:4"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_tokenizer):
+    return load_causal_lm(ModelConfig(name="tiny:llama"), tokenizer=tiny_tokenizer).eval()
+
+
+def test_mask_covers_response_and_eos_only(tiny_tokenizer):
+    enc = sft.encode_all(tiny_tokenizer, EXAMPLES[:2], max_length=256, on_error="raise")
+    inputs, mask = sft.make_batch(enc, tiny_tokenizer.pad_token_id)
+    for row, e in enumerate(enc):
+        n = len(e.input_ids)
+        assert mask[row, :e.prompt_len].sum() == 0
+        assert mask[row, e.prompt_len:n].all()
+        assert not mask[row, n:].any()  # padding
+        assert inputs["input_ids"][row, n - 1] == tiny_tokenizer.eos_token_id  # learns to stop
+    response = tiny_tokenizer.decode(inputs["input_ids"][0][mask[0]], skip_special_tokens=True)
+    assert response == EXAMPLES[0].completion
+
+
+def test_changing_a_prompt_label_leaves_the_loss_unchanged(tiny_lm, tiny_tokenizer):
+    enc = sft.encode_all(tiny_tokenizer, EXAMPLES[:2], max_length=256, on_error="raise")
+    inputs, response_mask = sft.make_batch(enc, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = tiny_lm(**inputs).logits[:, :-1]
+    labels, mask = shift_for_lm(inputs["input_ids"], response_mask)
+    base, _ = sft_loss(logits, labels, mask)
+
+    prompt_pos = enc[0].prompt_len - 2  # label index of a prompt token
+    changed = labels.clone()
+    changed[0, prompt_pos] = (changed[0, prompt_pos] + 7) % len(tiny_tokenizer)
+    assert torch.equal(sft_loss(logits, changed, mask)[0], base)
+
+    response_pos = enc[0].prompt_len  # label index of the second response token
+    changed = labels.clone()
+    changed[0, response_pos] = (changed[0, response_pos] + 7) % len(tiny_tokenizer)
+    assert not torch.isclose(sft_loss(logits, changed, mask)[0], base)
+
+
+def test_packing_keeps_examples_apart(tiny_lm, tiny_tokenizer):
+    enc = sft.encode_all(tiny_tokenizer, EXAMPLES, max_length=96, on_error="raise")
+    rows = sft.pack(enc, max_length=96)
+    assert 1 < len(rows) < len(enc)  # some rows hold several examples
+    assert all(len(r.input_ids) <= 96 for r in rows)
+    assert [t for r in rows for t in r.input_ids] == [t for e in enc for t in e.input_ids]
+    # Position ids restart per example, so attention stays within each example:
+    # the held-out NLL of packed rows equals that of one example per row.
+    unpacked = sft.evaluate(tiny_lm, enc, tiny_tokenizer.pad_token_id, batch_size=4)
+    packed = sft.evaluate(tiny_lm, rows, tiny_tokenizer.pad_token_id, batch_size=4)
+    assert packed["eval_tokens"] == unpacked["eval_tokens"]
+    assert packed["eval_loss"] == pytest.approx(unpacked["eval_loss"], abs=1e-5)
+
+
+def test_cli_lora_output_loads_merged_and_as_peft_adapter(tmp_path, tiny_tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rc = cli.main(["sft", "--config", TINY, f"run.output_dir={tmp_path}", "model.lora.enabled=true",
+                   "model.lora.r=4", "packing=true"])
+    assert rc == 0
+    run = tmp_path / "tiny" / "sft"
+    final = run / "final"
+    assert (run / "DONE").exists() and (final / "adapter" / "adapter_config.json").exists()
+    rows = read_metrics(run)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert rows[-1]["eval_perplexity"] == pytest.approx(torch.tensor(rows[-1]["eval_loss"]).exp().item(), rel=1e-5)
+
+    merged = AutoModelForCausalLM.from_pretrained(final).eval()
+    base = load_causal_lm(ModelConfig(name="tiny:llama"), tokenizer=tiny_tokenizer)
+    adapted = PeftModel.from_pretrained(base, final / "adapter").eval()
+    ids = torch.tensor([encode_example(tiny_tokenizer, EXAMPLES[0].prompt, EXAMPLES[0].completion, 256).input_ids])
+    with torch.no_grad():
+        a, b = merged(ids).logits, adapted(ids).logits
+        with adapted.disable_adapter():
+            untouched = adapted(ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, untouched, atol=1e-4)  # the adapter learned something
+
+
+def test_resume_after_interruption_gives_the_same_curve(tmp_path, monkeypatch):
+    args = ["sft", "--config", TINY, "train.save_every=2", "train.max_steps=4", "train.eval_every=2"]
+    assert cli.main(args + [f"run.output_dir={tmp_path / 'straight'}"]) == 0
+    straight = read_metrics(tmp_path / "straight" / "tiny" / "sft")
+
+    # Die during step 4: after the step-2 checkpoint and the step-3 log line.
+    calls = {"n": 0}
+    real_step = sft.clip_and_step
+
+    def dying_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(*a, **kw)
+
+    broken = tmp_path / "broken"
+    monkeypatch.setattr(sft, "clip_and_step", dying_step)
+    assert cli.main(args + [f"run.output_dir={broken}"]) == 130
+    monkeypatch.setattr(sft, "clip_and_step", real_step)
+    assert [r["step"] for r in read_metrics(broken / "tiny" / "sft")] == [1, 2, 3]
+    assert cli.main(args + [f"run.output_dir={broken}", "--resume"]) == 0
+    resumed = read_metrics(broken / "tiny" / "sft")
+
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            assert (key in a) == (key in b)
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-6)
+
+
+def test_too_long_example_is_a_located_one_line_error(tmp_path, capsys):
+    rc = cli.main(["sft", "--config", TINY, f"run.output_dir={tmp_path}", f"data.path={DATA / 'sft.jsonl'}", "data.eval_fraction=0",
+                   "data.max_length=16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "sft.jsonl:line 1: field 'completion'" in err and "data.max_length=16" in err
+
+
+def test_shipped_sft_and_rm_configs_load():
+    from alignkit.recipes import rm
+
+    found = sorted(CONFIGS.glob("sft*.yaml")) + sorted(CONFIGS.glob("rm*.yaml"))
+    assert len(found) >= 4
+    for path in found:
+        cfg = load_config(sft.Config if path.name.startswith("sft") else rm.Config, path)
+        assert cfg.data.path and cfg.run.name
