@@ -38,6 +38,7 @@ __all__ = [
     "sequence_logprobs",
     "sft_loss",
     "pairwise_loss",
+    "reward_centering_loss",
     "dpo_loss",
     "ipo_loss",
     "simpo_loss",
@@ -245,6 +246,29 @@ def pairwise_loss(
         "rejected_score": _item(rejected_scores.detach().mean()),
     }
     return loss, metrics
+
+
+def reward_centering_loss(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+) -> tuple[torch.Tensor, Metrics]:
+    """Auxiliary penalty that keeps reward-model scores centred on zero.
+
+    Eisenstein et al. 2023 ("Helping or Herding?"), sec. 3: the Bradley-Terry
+    loss only sees differences, so scores can drift by any constant; the mean
+    of ``(r_c + r_r)^2`` pins them near 0 (the paper weights it by 0.01). The
+    recipe multiplies it by its coefficient and adds it to :func:`pairwise_loss`.
+
+    Args:
+        chosen_scores, rejected_scores: ``(B,)`` reward-model scores.
+
+    Returns:
+        ``(penalty, metrics)`` with metrics ``centering`` (the penalty) and
+        ``mean_score`` (mean of all 2B scores).
+    """
+    penalty = ((chosen_scores + rejected_scores) ** 2).mean()
+    mean_score = (chosen_scores.detach().mean() + rejected_scores.detach().mean()) / 2
+    return penalty, {"centering": _item(penalty), "mean_score": _item(mean_score)}
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,296 @@
+"""Train a reward model on preference pairs or rankings (Bradley-Terry).
+
+    alignkit rm --config configs/rm-tiny.yaml                   # seconds, a tiny random model
+    alignkit rm --config configs/rm.yaml                        # MiniLM-L6 on polite-vs-rude pairs
+    alignkit rm --config configs/rm-smollm2.yaml                # SmolLM2-135M backbone, LoRA
+
+A reward model is the backbone with a one-output regression head in place of
+the LM head (``AutoModelForSequenceClassification``, ``num_labels=1``): causal
+LMs read the score at the last non-pad token of prompt + response, encoders at
+the pooled output. Input layout: :class:`alignkit.rewards.model.RMInput`.
+
+Loss (InstructGPT eq. 1, Llama 2 eq. 2): ``-log sigmoid(r_c - r_r - m)`` with the
+data's margin ``m`` when ``use_margin`` (times ``margin_scale``), plus
+``centering_coef * mean((r_c + r_r)^2)`` (Eisenstein et al. 2023) when > 0.
+
+Data (``data.path``): pair files, Anthropic HH, rankings (expanded to C(K,2)
+pairs), hub datasets, or ``synthetic:polite_vs_rude?n=2000`` /
+``synthetic:rankings?n=500&k=4``. The pairs of one ranking form one unit that
+is never split, neither between batches nor between train and held-out:
+``train.batch_size`` counts units (a pair, or a whole ranking), as InstructGPT
+batches all comparisons of a prompt together. Each distinct completion of a
+micro-batch goes through the model once.
+
+Held-out metrics (``data.eval_path`` or ``data.eval_fraction``): accuracy (a tie
+counts as wrong, as in RewardBench) and mean score margin. After training, the
+mean and std of the scores of up to ``norm_samples`` reference responses (the
+held-out responses, else a sample of the training ones) are stored in
+``final/alignkit.json``, so ``rm:PATH?normalize=true`` can return z-scores.
+``final/`` loads with ``AutoModelForSequenceClassification`` and in
+``pipeline("text-classification", function_to_apply="none")``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, opt
+from alignkit.data.formats import (AGGREGATION_RULES, PreferencePair, load_preferences, parse_preference,
+                                   parse_ranking, ranking_to_pairs)
+from alignkit.data.io import ErrorPolicy
+from alignkit.errors import AlignkitError, ConfigError, DataError
+from alignkit.losses import pairwise_loss, reward_centering_loss
+from alignkit.models import load_sequence_scorer, load_tokenizer, save_model
+from alignkit.recipes.sft import run_dir_at, split_off, synthetic_records
+from alignkit.rewards.model import META_FILE, RMInput, normalisation_stats, score_batch, score_encoded
+from alignkit.runs import MetricsLogger, RunDir, config_hash, progress, set_seed
+from alignkit.training import (Resumed, build_optimizer, build_scheduler, clip_and_step, restore_training_state,
+                               save_training_state, step_batches, steps_per_epoch, total_steps,
+                               trainable_parameters)
+
+STAGE = "rm"
+PREFERENCE_FORMATS = ("auto", "preference", "hh", "ranking")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="builtin:minilm-l6"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    layout: str = opt("auto", choices=("auto", "chat", "pair"),
+                      help="chat: template prompt + response + EOS (causal LMs); pair: text pair (encoders)")
+    aggregate: str = opt("per_labeler", choices=AGGREGATION_RULES, help="how rankings of several labelers combine")
+    use_margin: bool = opt(False, help="subtract the data's margin (rank gap, preference strength) in the loss")
+    margin_scale: float = opt(1.0, ge=0, help="margin used = margin_scale * the record's margin")
+    centering_coef: float = opt(0.0, ge=0, help="reward centering: coef * mean((r_c + r_r)^2); 0.01 in "
+                                                "Eisenstein et al. 2023")
+    norm_samples: int = opt(1000, ge=2, help="reference responses scored for the stored mean/std")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _load_pairs(path: str, cfg: Config) -> list[PreferencePair]:
+    data = cfg.data
+    if not path.startswith("synthetic:"):
+        fmt = "auto" if data.format == "auto" else data.format
+        return load_preferences(path, data.split, data.on_error, fmt, cfg.aggregate, data.limit)
+    records = synthetic_records(path)[:data.limit] if data.limit else synthetic_records(path)
+    pairs: list[PreferencePair] = []
+    for group, rec in enumerate(records):
+        if "completions" in rec.data:
+            pairs += ranking_to_pairs(parse_ranking(rec), cfg.aggregate, group=group)
+        else:
+            pairs.append(parse_preference(rec))
+    return pairs
+
+
+def units_of(pairs: list[PreferencePair]) -> list[list[int]]:
+    """Pair indices grouped into units: one per ranking (same ``group``), one per lone pair."""
+    units: list[list[int]] = []
+    by_group: dict[int, list[int]] = {}
+    for i, p in enumerate(pairs):
+        if p.group < 0:
+            units.append([i])
+        elif p.group in by_group:
+            by_group[p.group].append(i)
+        else:
+            by_group[p.group] = [i]
+            units.append(by_group[p.group])
+    return units
+
+
+def load_pairs(cfg: Config) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Training and held-out pairs; a ranking's pairs stay on one side of the split."""
+    if cfg.data.format not in PREFERENCE_FORMATS:
+        raise ConfigError(f"data.format must be one of {', '.join(PREFERENCE_FORMATS)} for alignkit rm, "
+                          f"got '{cfg.data.format}'")
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: give a preference or ranking file, a hub dataset or "
+                          "synthetic:polite_vs_rude")
+    pairs = _load_pairs(cfg.data.path, cfg)
+    if cfg.data.eval_path:
+        return pairs, _load_pairs(cfg.data.eval_path, cfg)
+    train_units, eval_units = split_off(units_of(pairs), cfg.data.eval_fraction, cfg.run.seed)
+    return [pairs[i] for u in train_units for i in u], [pairs[i] for u in eval_units for i in u]
+
+
+@dataclass
+class EncodedPairs:
+    """Each distinct (prompt, response) encoded once; pairs point into ``texts``."""
+
+    texts: list[dict]
+    chosen: list[int]
+    rejected: list[int]
+    margins: list[float]
+    units: list[list[int]]
+
+
+def encode_pairs(rm_input: RMInput, pairs: list[PreferencePair], on_error: str) -> EncodedPairs:
+    policy = ErrorPolicy(on_error)
+    index: dict[tuple, int] = {}
+    out = EncodedPairs([], [], [], [], [])
+    kept: list[PreferencePair] = []
+
+    def text_id(enc: dict) -> int:
+        key = tuple(itertools.chain.from_iterable(enc[k] for k in sorted(enc)))
+        if key not in index:
+            index[key] = len(out.texts)
+            out.texts.append(enc)
+        return index[key]
+
+    for p in pairs:
+        policy.total += 1
+        try:
+            c = rm_input.encode(p.prompt, p.chosen, loc=p.loc, field="chosen")
+            r = rm_input.encode(p.prompt, p.rejected, loc=p.loc, field="rejected")
+        except DataError as e:
+            policy.handle(e)
+            continue
+        out.chosen.append(text_id(c))
+        out.rejected.append(text_id(r))
+        out.margins.append(p.margin if p.margin is not None else 0.0)
+        kept.append(p)
+    policy.report("preference pairs")
+    out.units = units_of(kept)
+    return out
+
+
+# --------------------------------------------------------------------------- scoring and evaluation
+
+
+def score_pairs(model, rm_input: RMInput, data: EncodedPairs, pair_ids: list[int]):
+    """(r_c, r_r) for the given pairs, each distinct text scored once, with grad."""
+    text_ids = sorted({data.chosen[i] for i in pair_ids} | {data.rejected[i] for i in pair_ids})
+    slot = {t: k for k, t in enumerate(text_ids)}
+    scores = score_batch(model, rm_input.collate([data.texts[t] for t in text_ids]))
+    chosen = scores[[slot[data.chosen[i]] for i in pair_ids]]
+    rejected = scores[[slot[data.rejected[i]] for i in pair_ids]]
+    return chosen, rejected
+
+
+def evaluate(model, rm_input: RMInput, data: EncodedPairs, batch_size: int) -> tuple[dict, np.ndarray]:
+    """Held-out loss, accuracy (ties wrong) and mean margin; also every text's score."""
+    scores = score_encoded(model, rm_input, data.texts, batch_size)
+    r_c = torch.tensor(scores[data.chosen])
+    r_r = torch.tensor(scores[data.rejected])
+    _, m = pairwise_loss(r_c, r_r)
+    metrics = {"eval_loss": m["loss"], "eval_accuracy": m["accuracy"], "eval_margin": m["score_margin"],
+               "eval_pairs": len(data.chosen)}
+    return metrics, scores
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_rm(cfg: Config, pairs: list[PreferencePair], run_dir: RunDir | str | Path,
+             eval_pairs: list[PreferencePair] | None = None, resume: bool = False) -> Path:
+    """Train on ``pairs``; returns the final reward-model folder (``run_dir/final``)."""
+    run = run_dir if isinstance(run_dir, RunDir) else run_dir_at(run_dir)
+
+    # -- setup: tokenizer, scorer, encoded pairs
+    set_seed(cfg.run.seed)
+    tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir, padding_side="right")
+    model = load_sequence_scorer(cfg.model, tokenizer=tok).to(_device())
+    rm_input = RMInput(tok, cfg.layout, cfg.data.max_length)
+    train = encode_pairs(rm_input, pairs, cfg.data.on_error)
+    held = encode_pairs(rm_input, eval_pairs or [], cfg.data.on_error) if eval_pairs else None
+    if not train.units:
+        raise AlignkitError("alignkit rm: no usable training pairs")
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(params, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    n_units = len(train.units)
+    last_step = total_steps(n_units, cfg.train)
+    spe = steps_per_epoch(n_units, cfg.train)
+    eval_batch = cfg.train.batch_size * 2
+
+    start = restore_training_state(run, model, optimizer, scheduler) if resume else Resumed()
+    run.write_config(cfg)
+    logger = MetricsLogger(run, resume_step=start.step if resume else None)
+    metrics: dict[str, float] = {}
+    held_scores = None
+
+    model.train()
+    bar, task = progress(last_step, "rm")
+    with bar:
+        bar.update(task, completed=start.step)
+        for step, micro in step_batches(n_units, cfg.train, cfg.run.seed, start.step):
+            micro_pairs = [[i for u in unit_ids for i in train.units[u]] for unit_ids in micro]
+            n_pairs = sum(len(p) for p in micro_pairs)
+            sums: dict[str, float] = {}
+            for pair_ids in micro_pairs:
+                # 1. score: each distinct completion once
+                r_c, r_r = score_pairs(model, rm_input, train, pair_ids)
+                # 2. Bradley-Terry loss with the optional margin, plus optional centering
+                margin = None
+                if cfg.use_margin:
+                    margin = cfg.margin_scale * torch.tensor([train.margins[i] for i in pair_ids], device=r_c.device)
+                loss, m = pairwise_loss(r_c, r_r, margin)
+                if cfg.centering_coef > 0:
+                    penalty, pm = reward_centering_loss(r_c, r_r)
+                    loss = loss + cfg.centering_coef * penalty
+                    m.update(pm)
+                # 3. backward, weighted by the micro-batch's share of the step's pairs
+                share = len(pair_ids) / n_pairs
+                (loss * share).backward()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v * share
+
+            # 4. clip and update
+            grad_norm = clip_and_step(params, optimizer, scheduler, cfg.train.max_grad_norm)
+
+            # 5. log, evaluate, checkpoint
+            metrics = {**sums, "pairs": n_pairs, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                       "epoch": step / spe}
+            if held and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == last_step):
+                eval_metrics, held_scores = evaluate(model, rm_input, held, eval_batch)
+                metrics.update(eval_metrics)
+            if step % cfg.train.log_every == 0 or step == last_step or "eval_loss" in metrics:
+                logger.log(step, metrics)
+            if cfg.train.save_every and step % cfg.train.save_every == 0:
+                save_training_state(run, step, model, optimizer, scheduler, cfg.train)
+            bar.update(task, advance=1, info=f"loss {sums['loss']:.3f} acc {sums['accuracy']:.2f}")
+    logger.close()
+
+    # -- normalisation statistics on reference responses, then the final model
+    if held and held_scores is None:  # resumed at the very end: nothing ran
+        eval_metrics, held_scores = evaluate(model, rm_input, held, eval_batch)
+        metrics.update(eval_metrics)
+    if held_scores is not None:
+        reference = held_scores[:cfg.norm_samples]
+    else:
+        ids = list(range(len(train.texts)))
+        random.Random(cfg.run.seed).shuffle(ids)
+        reference = score_encoded(model, rm_input, [train.texts[i] for i in ids[:cfg.norm_samples]], eval_batch)
+    stats = normalisation_stats(reference)
+    summary = {"steps": last_step, "train_loss": metrics.get("loss"), "train_accuracy": metrics.get("accuracy"),
+               **{k: v for k, v in metrics.items() if k.startswith("eval_")}}
+    model.eval()
+    meta = {"kind": "reward_model", "backbone": cfg.model.name, "lora": cfg.model.lora.enabled,
+            "input": rm_input.describe(), **stats, "config_hash": config_hash(cfg), **summary}
+    save_model(model, tok, run.final, extra=meta)
+    run.mark_done(summary)
+    return run.final
+
+
+def main(cfg: Config, resume: bool = False) -> Path:
+    pairs, eval_pairs = load_pairs(cfg)
+    run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
+    final = train_rm(cfg, pairs, run, eval_pairs=eval_pairs, resume=resume)
+    meta = json.loads((final / META_FILE).read_text())
+    shown = ", ".join(f"{k} {meta[k]:.3f}" for k in ("eval_accuracy", "eval_margin") if meta.get(k) is not None)
+    print(f"alignkit rm: {len(pairs)} pairs -> {final}" + (f" ({shown})" if shown else ""))
+    return final
