@@ -427,7 +427,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
             grad_norm = clip_and_step(params, optimizer, scheduler, cfg.train.max_grad_norm)
             # 5. log, evaluate, checkpoint
             row = {k: v / n_in_step for k, v in sums.items()}
-            row.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], epoch=step / spe)
+            row.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], epoch=step / spe,
+                       seconds=round(time.time() - started, 2))
             if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == n_steps):
                 eval_metrics = evaluate(model, eval_set, ref["eval"], cfg, pad_id)
                 row.update(eval_metrics)
