@@ -58,7 +58,7 @@ class Labelers:
                     self.retries += 1
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.05)
+                time.sleep(0.1)
 
     def run_one(self, name: str) -> int:
         rng = random.Random(name)

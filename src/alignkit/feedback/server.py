@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,7 +36,7 @@ from alignkit.feedback.config import LabelConfig
 from alignkit.feedback.export import build_export
 from alignkit.feedback.items import parse_project_lines
 from alignkit.feedback.pages import STATIC_DIR, render, render_markdown
-from alignkit.feedback.storage import FeedbackError, LabelerInfo, Store
+from alignkit.feedback.storage import MAX_TASK_BATCH, FeedbackError, LabelerInfo, Store
 
 LABELER_COOKIE = "alignkit_labeler"
 ADMIN_COOKIE = "alignkit_admin"
@@ -290,7 +290,7 @@ def create_app(config: LabelConfig | None = None, store: Store | None = None) ->
         return store.progress(labeler(token))
 
     @app.get("/api/tasks", response_model=TasksOut, tags=["labeler"])
-    def api_tasks(token: Token, limit: int = 1):
+    def api_tasks(token: Token, limit: Annotated[int, Query(ge=1, le=MAX_TASK_BATCH)] = 1):
         """Your open tasks, topped up with new items to ``limit`` (at most 500).
 
         Items you have not answered yet come first, so asking again returns the same ones.

@@ -347,7 +347,8 @@ class Store:
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
             engine_kwargs.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
             self.engine = create_engine(self.url, **engine_kwargs)
-            _sqlite_setup(self.engine, sqlite_synchronous)
+            self._writing = threading.local()  # set while this thread is in write(): BEGIN IMMEDIATE
+            _sqlite_setup(self.engine, sqlite_synchronous, lambda: getattr(self._writing, "on", False))
             self._write_lock = threading.Lock()
         else:
             engine_kwargs.setdefault("pool_size", 10)
@@ -355,7 +356,6 @@ class Store:
             engine_kwargs.setdefault("pool_pre_ping", True)
             self.engine = create_engine(self.url, **engine_kwargs)
             self._write_lock = nullcontext()
-        self._write_engine = self.engine.execution_options(alignkit_write=True)
         Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
@@ -369,14 +369,27 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """One committed transaction; returns only after the commit."""
-        with self._write_lock, Session(self._write_engine, expire_on_commit=False) as s, s.begin():
+        with self._write_lock, self._write_mode(), Session(self.engine, expire_on_commit=False) as s, s.begin():
             yield s
 
     @contextmanager
     def write_conn(self) -> Iterator[Connection]:
         """Like :meth:`write`, on a bare Core connection (the per-label path)."""
-        with self._write_lock, self._write_engine.begin() as conn:
+        with self._write_lock, self._write_mode(), self.engine.begin() as conn:
             yield conn
+
+    @contextmanager
+    def _write_mode(self) -> Iterator[None]:
+        # A thread-local flag rather than engine.execution_options(): an option
+        # engine sets up event dispatch again for every connection it hands out.
+        if not self.is_sqlite:
+            yield
+            return
+        self._writing.on = True
+        try:
+            yield
+        finally:
+            self._writing.on = False
 
     # -- projects ----------------------------------------------------------
 
@@ -693,7 +706,7 @@ def _check_label(kind: str, k: int, swapped: bool, ranks, cant_rank: bool, choic
     return None, False, choice_to_winner(choice, swapped)
 
 
-def _sqlite_setup(engine, synchronous: str) -> None:
+def _sqlite_setup(engine, synchronous: str, writing) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):
         # Let SQLAlchemy's "begin" event issue BEGIN itself (the pysqlite driver's
@@ -708,4 +721,4 @@ def _sqlite_setup(engine, synchronous: str) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("alignkit_write") else "BEGIN")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writing() else "BEGIN")
