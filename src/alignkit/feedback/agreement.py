@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from alignkit.feedback.storage import WINNERS
+
 LEVELS = ("nominal", "ordinal", "interval")
 
 
@@ -147,13 +149,12 @@ def project_agreement(kind: str, records) -> dict:
         data = ranking_reliability(records)
         alpha = krippendorff_alpha(data, "ordinal") if data.size else float("nan")
         return {"krippendorff_alpha_ordinal": _json_float(alpha), "items_with_2plus_labels": n_multi}
-    categories = ("model_a", "model_b", "tie", "both_bad")
-    counts = pairwise_counts(records, categories)
+    counts = pairwise_counts(records, WINNERS)
     # Nominal alpha from the counts: each labeler is one "coder" slot per item.
     max_raters = int(counts.sum(axis=1).max()) if len(records) else 0
     data = np.full((max(max_raters, 1), len(records)), np.nan)
     for u, row in enumerate(counts):
-        values = np.repeat(np.arange(len(categories)), row.astype(int))
+        values = np.repeat(np.arange(len(WINNERS)), row.astype(int))
         data[: len(values), u] = values
     alpha = krippendorff_alpha(data, "nominal") if len(records) else float("nan")
     kappa = fleiss_kappa(counts) if len(records) else float("nan")

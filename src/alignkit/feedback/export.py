@@ -54,8 +54,6 @@ from pathlib import Path
 from alignkit.feedback.agreement import project_agreement
 from alignkit.feedback.storage import ItemRecord, Store
 
-WINNERS = ("model_a", "model_b", "tie", "both_bad")
-
 
 def ranking_line(r: ItemRecord) -> dict:
     line = {"id": r.ext_id, "prompt": r.prompt, "completions": r.completions}
