@@ -135,6 +135,9 @@ def test_resume_reuses_the_reference_cache_and_continues_the_same_curve(trained,
     ("ipo", ["loss.average_logprobs=true"], 1.0),
     # conservative DPO: -(1 - 0.2) log sigmoid(0) - 0.2 log sigmoid(0) = log 2 still
     ("dpo", ["loss.label_smoothing=0.2"], math.log(2)),
+    # LoRA: the cached reference is the base with the adapter off, and the adapter
+    # starts at zero (B = 0), so step 1 is at log 2 again
+    ("dpo", ["model.lora.enabled=true", "model.lora.r=4", "train.learning_rate=1e-2"], math.log(2)),
     # KTO: log ratio 0, z0 = max(0, 0) = 0, each example 1 - sigmoid(0) = 0.5 (weights 1)
     ("kto", [], 0.5),
     # SimPO has no reference: its first loss depends on the random model
@@ -151,6 +154,7 @@ def test_each_loss_type_runs_and_improves(tmp_path, loss_type, extra, first_loss
         assert losses[0] == pytest.approx(first_loss, abs=1e-4)
     assert sum(losses[-3:]) / 3 < losses[0]
     assert (run / "ref_logps.safetensors").exists() == (loss_type != "simpo")
+    assert (run / "final" / "adapter").exists() == ("model.lora.enabled=true" in extra)
 
 
 def test_kto_reads_unpaired_records_and_dpo_refuses_them(tmp_path, capsys):
@@ -160,6 +164,17 @@ def test_kto_reads_unpaired_records_and_dpo_refuses_them(tmp_path, capsys):
     assert metrics[0]["desirable_count"] + metrics[0]["undesirable_count"] == 16
     assert dpo(tmp_path, f"data.path={data}", "run.name=x", "train.max_steps=2") == 2
     assert "need loss.type=kto" in capsys.readouterr().err
+
+
+def test_kto_mismatched_completions_come_from_other_prompts():
+    from alignkit.data.formats import KTOExample
+    from alignkit.recipes.dpo import _other_prompt, _unpair
+
+    a, b = [{"role": "user", "content": "A?"}], [{"role": "user", "content": "B?"}]
+    pairs = _unpair([KTOExample(a, "good a", True), KTOExample(a, "bad a", False),
+                     KTOExample(b, "good b", True), KTOExample(b, "bad b", False)])
+    # neighbours 0/1 and 2/3 share a prompt, so the partner skips to the next prompt
+    assert [_other_prompt(pairs, i) for i in range(4)] == [2, 2, 0, 0]
 
 
 def test_bad_input_is_one_located_line(tmp_path, capsys):

@@ -187,7 +187,7 @@ def _encode(records: list, tok, data: DataConfig, kto: bool) -> list[Example]:
             _check_prompt(prompt_ids, data, r.loc)
             if kto:
                 a = encode_example(tok, r.prompt, r.completion, data.max_length, r.loc, "completion", prompt_ids)
-                other = records[(i + 1) % len(records)].completion
+                other = records[_other_prompt(records, i)].completion
                 out.append(Example(a, _mismatched(tok, prompt_ids, other, data.max_length), r.label, r.loc))
             else:
                 a = encode_example(tok, r.prompt, r.chosen, data.max_length, r.loc, "chosen", prompt_ids)
@@ -202,6 +202,20 @@ def _encode(records: list, tok, data: DataConfig, kto: bool) -> list[Example]:
     if not out:
         raise AlignkitError("no usable preference records within data.max_length")
     return out
+
+
+def _other_prompt(records: list, i: int) -> int:
+    """The next record (cyclically) with another prompt: KTO's mismatched completion for record i.
+
+    Pairs split for KTO sit side by side with one prompt, so plain i + 1 would
+    often pair a prompt with its own other answer, which is no mismatch.
+    """
+    n = len(records)
+    for step in range(1, min(n, 64)):  # bounded: a file of one prompt must not cost O(n^2)
+        j = (i + step) % n
+        if records[j].prompt != records[i].prompt:
+            return j
+    return (i + 1) % n
 
 
 def _mismatched(tok, prompt_ids: list[int], completion: str, max_length: int) -> Encoded:
