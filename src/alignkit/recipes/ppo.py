@@ -1,0 +1,536 @@
+"""PPO: fine-tune a policy against a reward, with a KL penalty to a frozen reference.
+
+    alignkit ppo --config configs/ppo-tiny.yaml                 # seconds, tiny random model
+    alignkit ppo --config configs/ppo.yaml                      # SmolLM2-135M + LoRA, offensive-language reward
+    alignkit ppo --config configs/ppo.yaml reward.spec=rm:runs/demo/rm/final ppo.steps=200
+    alignkit ppo --config configs/ppo.yaml --resume
+
+One iteration, as in InstructGPT (Ouyang et al. 2022) and "The N+ Implementation
+Details of RLHF with PPO" (Huang et al. 2024):
+
+1. rollout: sample responses (alignkit.rollout.ppo_rollout) and record per-token
+   log-probs, reference log-probs and values, all at the sampling temperature;
+2. score: the reward (reward.spec) gives one score per response; a response
+   without EOS gets ``reward.no_eos_penalty`` instead (when set);
+3. KL-shaped rewards: ``-beta * (logprobs - ref_logprobs)`` per token, plus the
+   score at the last token; beta fixed or adaptive (Ziegler et al. 2019);
+4. GAE over valid tokens, advantages whitened over valid tokens;
+5. update: ``ppo.ppo_epochs`` passes over shuffled minibatches, gradient
+   accumulation, clipping; loss = policy + vf_coef * value - ent_coef * entropy.
+
+The critic is a value head on the policy's own trunk (``value.mode: shared``: one
+forward gives logits and values) or a separate model (``value.mode: separate``)
+initialised from a reward model (``value.init: runs/NAME/rm/final``). The reference
+is the policy with its LoRA adapter off, or a frozen copy under full fine-tuning.
+
+Run folder ``runs/NAME/ppo/``: config.yaml, metrics.jsonl + tb/ (``score/mean``,
+``score/std``, ``kl``, ``kl_coef``, ``entropy``, ``clip_fraction``, ``approx_kl``,
+``policy_loss``, ``value_loss``, ``explained_variance``, ``response_length``,
+``no_eos_share``, ``tokens_per_s``, ``time/rollout``, ``time/score``,
+``time/update``...), curves.png (score and KL), samples.jsonl (the last
+rollout's responses), checkpoints/, final/ (the policy, save_model), DONE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.advantages import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_shaped_rewards,
+                                 masked_mean, masked_whiten)
+from alignkit.config import DataConfig, GenerationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, opt
+from alignkit.data.collate import encode_prompt
+from alignkit.data.formats import load_prompts
+from alignkit.errors import AlignkitError, ConfigError, DataError
+from alignkit.losses import entropy_bonus, entropy_from_logits, ppo_policy_loss, ppo_value_loss
+from alignkit.models import (adapter_disabled, frozen_copy, is_peft, load_causal_lm, load_sequence_scorer,
+                             load_tokenizer, save_model)
+from alignkit.rewards import build_reward
+from alignkit.rollout import Rollout, forward_responses, ppo_rollout
+from alignkit.runs import MetricsLogger, RunDir, latest_checkpoint, progress, set_seed
+from alignkit.training import build_scheduler, epoch_order, restore_training_state, save_training_state
+
+STAGE = "ppo"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class RewardSection:
+    spec: str | dict[str, Any] = opt("profanity", help="a reward spec: profanity, rule:..., rm:PATH, "
+                                                       "classifier:MODEL:LABEL, python:mod:fn, or a mapping")
+    no_eos_penalty: float | None = opt(None, help="score given to responses that never emitted EOS; "
+                                                  "null keeps their reward")
+
+
+@dataclass
+class ValueSection:
+    mode: str = opt("shared", choices=("shared", "separate"),
+                    help="shared: a value head on the policy's trunk; separate: its own model")
+    init: str = opt("policy", help="separate mode: a reward model (alignkit rm's final/) or 'policy'")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    learning_rate: float | None = opt(None, gt=0, help="critic learning rate; null = train.learning_rate")
+
+
+@dataclass
+class DataSection:
+    prompts: DataConfig = field(default_factory=lambda: DataConfig(
+        path="builtin:prompts", format="prompts", kind="red_team", max_prompt_length=128))
+
+
+@dataclass
+class KLSection:
+    coef: float = opt(0.05, ge=0, help="beta, the starting coefficient when adaptive")
+    adaptive: bool = False
+    target: float = opt(6.0, gt=0, help="adaptive: KL per sequence (nats) to hold")
+    horizon: float = opt(10000, gt=0, help="adaptive: samples over which the gap closes")
+
+
+@dataclass
+class PPOSection:
+    steps: int = opt(100, ge=1, help="iterations (rollout + update)")
+    rollout_batch_size: int = opt(16, ge=1, help="prompts per iteration")
+    samples_per_prompt: int = opt(1, ge=1)
+    minibatch_size: int = opt(8, ge=1, help="sequences per optimizer step (split in train.grad_accum)")
+    ppo_epochs: int = opt(4, ge=1)
+    clip_eps: float = opt(0.2, gt=0)
+    value_clip_eps: float | None = opt(0.2, gt=0, help="null: no value clipping")
+    vf_coef: float = opt(0.1, ge=0, help="c1")
+    ent_coef: float = opt(0.0, ge=0, help="c2")
+    gamma: float = opt(1.0, ge=0, le=1)
+    lam: float = opt(0.95, ge=0, le=1)
+    kl: KLSection = field(default_factory=KLSection)
+    whiten_advantages: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(lora=LoraConfig(enabled=True)))
+    reward: RewardSection = field(default_factory=RewardSection)
+    value: ValueSection = field(default_factory=ValueSection)
+    data: DataSection = field(default_factory=DataSection)
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=48))
+    ppo: PPOSection = field(default_factory=PPOSection)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-5, save_every=10))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def check_config(cfg: Config) -> None:
+    """Cross-field rules the per-field ranges cannot express."""
+    n = cfg.ppo.rollout_batch_size * cfg.ppo.samples_per_prompt
+    if n % cfg.ppo.minibatch_size:
+        raise ConfigError(f"ppo.minibatch_size={cfg.ppo.minibatch_size} must divide the rollout of "
+                          f"{n} sequences (rollout_batch_size x samples_per_prompt)")
+    if cfg.ppo.minibatch_size % cfg.train.grad_accum:
+        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} must divide "
+                          f"ppo.minibatch_size={cfg.ppo.minibatch_size}")
+    gen = cfg.generation
+    if not gen.do_sample or gen.top_p < 1 or gen.top_k:
+        # The log-probs are those of the full softmax at the temperature; a
+        # truncated or greedy sampler draws from another distribution and the
+        # importance ratios would be wrong.
+        raise ConfigError("PPO samples from the full softmax: keep generation.do_sample=true, top_p=1.0, top_k=0 "
+                          "(use generation.temperature to sharpen)")
+    if cfg.train.max_steps is not None:
+        raise ConfigError("train.max_steps is not used by PPO; set ppo.steps")
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ActorCritic(nn.Module):
+    """The policy LM and its critic, called as ``(ids, attention, positions, keep) -> (logits, values)``.
+
+    Shared mode: a linear value head reads the policy's last hidden state, so one
+    forward gives both; the value loss reaches the trunk only through vf_coef.
+    Separate mode: a sequence scorer's backbone + its ``score`` head, read at every
+    token (a reward model's head is a per-token value estimate's natural start).
+    """
+
+    def __init__(self, policy, value_model=None):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        if value_model is None:
+            self.value_head = nn.Linear(policy.config.hidden_size, 1)
+            # Zero: values start at 0 and the first value-loss gradients leave the trunk alone.
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
+        shared = self.value_model is None
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=logits_to_keep, output_hidden_states=shared, use_cache=False)
+        if shared:
+            hidden = out.hidden_states[-1][:, -logits_to_keep:]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        else:
+            values = token_values(self.value_model, input_ids, attention_mask, position_ids, logits_to_keep)
+        return out.logits, values
+
+
+def token_values(scorer, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
+    """A sequence scorer's head applied at every one of the last ``keep`` positions: ``(B, keep)``."""
+    base = scorer.get_base_model() if is_peft(scorer) else scorer
+    hidden = base.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state[:, -keep:]
+    return base.score(hidden).squeeze(-1).float()
+
+
+def load_value_model(cfg: Config, tok):
+    name = cfg.model.name if cfg.value.init == "policy" else cfg.value.init
+    vcfg = ModelConfig(name=name, dtype=cfg.model.dtype, lora=cfg.value.lora, cache_dir=cfg.model.cache_dir,
+                       trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
+    scorer = load_sequence_scorer(vcfg, trainable=True, rl=True, tokenizer=tok)
+    base = scorer.get_base_model() if is_peft(scorer) else scorer
+    if not isinstance(getattr(base, "score", None), nn.Module) or base.config.is_encoder_decoder:
+        raise AlignkitError(f"value.init={cfg.value.init}: a separate critic needs a decoder reward model with a "
+                            f"'score' head (a causal LM backbone), not {type(base).__name__}")
+    return scorer
+
+
+def reference_forward(policy):
+    """The frozen reference as ``(ids, attention, positions, keep) -> (logits, None)``.
+
+    With LoRA, the policy itself with the adapter off: no second copy of the base
+    weights, and the same module shapes as the policy's forward.
+    """
+    ref_model = None if is_peft(policy) else frozen_copy(policy)
+
+    def forward(input_ids, attention_mask, position_ids, logits_to_keep):
+        ctx = adapter_disabled(policy) if ref_model is None else contextlib.nullcontext()
+        with ctx:
+            out = (ref_model or policy)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                        logits_to_keep=logits_to_keep, use_cache=False)
+        return out.logits, None
+
+    return forward
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def load_prompt_set(cfg: Config, tok) -> tuple[list, list[list[int]]]:
+    """The prompts and their token ids; a prompt over max_prompt_length is an error (or skipped)."""
+    d = cfg.data.prompts
+    if not d.path:
+        raise AlignkitError("data.prompts.path is empty: give a prompt file (data.prompts.path=prompts.jsonl) "
+                            "or builtin:prompts")
+    examples = load_prompts(d.path, d.split, d.on_error, kind=d.kind, limit=d.limit)
+    kept, ids, skipped = [], [], 0
+    for ex in examples:
+        p = encode_prompt(tok, ex.prompt)
+        if len(p) > d.max_prompt_length:
+            if d.on_error == "raise":
+                source, _, location = ex.loc.rpartition(":")
+                raise DataError(source or ex.loc, location or None, "prompt", f"prompt is {len(p)} tokens, "
+                                f"over data.prompts.max_prompt_length={d.max_prompt_length}")
+            skipped += 1
+            continue
+        kept.append(ex)
+        ids.append(p)
+    if skipped:
+        print(f"ppo: skipped {skipped} prompts over data.prompts.max_prompt_length={d.max_prompt_length}")
+    if not kept:
+        raise AlignkitError(f"{d.path}: no prompts to train on (split={d.split}, kind={d.kind})")
+    return kept, ids
+
+
+def prompt_batch(n_prompts: int, batch: int, seed: int, step: int) -> list[int]:
+    """Prompt indices of iteration ``step`` (1-based): a reshuffled pass over the set per epoch.
+
+    A pure function of (seed, step), so the data position of a resumed run is its step.
+    """
+    start = (step - 1) * batch
+    out = []
+    for k in range(start, start + batch):
+        epoch, i = divmod(k, n_prompts)
+        out.append(epoch_order(n_prompts, seed, epoch)[i])
+    return out
+
+
+# --------------------------------------------------------------------------- phases
+
+
+class NonFiniteError(AlignkitError):
+    """A non-finite score, loss or gradient: the run stops before it can corrupt the weights."""
+
+
+def score_rollout(reward_fn, prompts: list, rollout: Rollout,
+                  no_eos_penalty: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, raw_scores)``, ``(N,)``: the reward, with the no-EOS penalty applied to unfinished responses.
+
+    The penalty replaces the score; the response itself is left as sampled (writing
+    EOS over its last token would train on an action the policy never took).
+    """
+    messages = [prompts[int(i)] for i in rollout.prompt_index]
+    raw = torch.as_tensor(reward_fn(messages, list(rollout.texts)), dtype=torch.float32)
+    bad = torch.nonzero(~torch.isfinite(raw)).flatten()
+    if len(bad):
+        raise NonFiniteError(f"reward '{reward_fn.name}' gave a non-finite score to response {int(bad[0])}")
+    scores = raw
+    if no_eos_penalty is not None:
+        scores = torch.where(rollout.finished, raw, torch.full_like(raw, no_eos_penalty))
+    return scores, raw
+
+
+def ppo_update(ac: ActorCritic, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor, optimizer,
+               scheduler, cfg: Config, generator: torch.Generator) -> list[dict[str, float]]:
+    """PPO epochs over shuffled minibatches; returns one metrics dict per micro-batch, in order.
+
+    Each micro-batch's losses are sums over its tokens divided by the minibatch's
+    token count (``num_tokens``), so accumulated gradients equal the whole
+    minibatch's. Raises NonFiniteError before any step that would apply a
+    non-finite loss or gradient.
+    """
+    p = cfg.ppo
+    device = next(ac.parameters()).device
+    params = [q for q in ac.parameters() if q.requires_grad]
+    micro_size = p.minibatch_size // cfg.train.grad_accum
+    records = []
+    ac.train()
+    for epoch in range(p.ppo_epochs):
+        order = torch.randperm(len(rollout), generator=generator)
+        for mb_start in range(0, len(rollout), p.minibatch_size):
+            mb = order[mb_start:mb_start + p.minibatch_size]
+            num_tokens = rollout.mask[mb].sum().item()
+            for micro in mb.split(micro_size):
+                mb_mask = rollout.mask[micro].to(device)
+                logprobs, values, logits = forward_responses(
+                    ac, rollout.query_responses[micro].to(device), rollout.attention_mask[micro].to(device),
+                    rollout.position_ids[micro].to(device), rollout.responses[micro].to(device), rollout.temperature)
+                pg_loss, pg_metrics = ppo_policy_loss(logprobs, rollout.logprobs[micro].to(device),
+                                                      advantages[micro].to(device), mb_mask, p.clip_eps, num_tokens)
+                vf_loss, vf_metrics = ppo_value_loss(values, rollout.values[micro].to(device),
+                                                     returns[micro].to(device), mb_mask, p.value_clip_eps, num_tokens)
+                # Entropy through the graph only when it is part of the loss (it is a
+                # (B, R, V) computation); otherwise it is measured, not trained.
+                with contextlib.nullcontext() if p.ent_coef > 0 else torch.no_grad():
+                    entropy = entropy_from_logits(logits, rollout.temperature)
+                    ent_bonus, ent_metrics = entropy_bonus(entropy, mb_mask, num_tokens)
+                loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * ent_bonus
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"the PPO loss is not finite (policy {pg_metrics['policy_loss']}, "
+                                         f"value {vf_metrics['value_loss']})")
+                loss.backward()
+                records.append({**pg_metrics, **vf_metrics, **ent_metrics, "tokens": float(mb_mask.sum())})
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteError("the gradient norm is not finite")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            records[-1]["grad_norm"] = float(grad_norm)
+    return records
+
+
+def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    """Token-weighted means of the update's metrics (ratio_max: the max)."""
+    total = sum(r["tokens"] for r in records) or 1.0
+    keys = ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean", "value_clip_fraction")
+    out = {k: sum(r[k] * r["tokens"] for r in records) / total for k in keys}
+    out["ratio_max"] = max(r["ratio_max"] for r in records)
+    norms = [r["grad_norm"] for r in records if "grad_norm" in r]
+    out["grad_norm"] = sum(norms) / len(norms)
+    return out
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build(cfg: Config):
+    """Tokenizer, actor-critic, reference, reward, prompts: everything before the loop."""
+    tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir, padding_side="left")
+    # rl=True: dropout off everywhere, so ratio == 1 and KL == 0 on the first minibatch.
+    policy = load_causal_lm(cfg.model, trainable=True, rl=True, tokenizer=tok)
+    value_model = load_value_model(cfg, tok) if cfg.value.mode == "separate" else None
+    ac = ActorCritic(policy, value_model).to(_device())
+    reference = reference_forward(ac.policy)
+    reward_fn = build_reward(cfg.reward.spec)
+    prompts, prompt_ids = load_prompt_set(cfg, tok)
+    return tok, ac, reference, reward_fn, prompts, prompt_ids
+
+
+def build_optimizer(ac: ActorCritic, cfg: Config) -> torch.optim.Optimizer:
+    critic = ac.value_model if ac.value_model is not None else ac.value_head
+    critic_ids = {id(q) for q in critic.parameters()}
+    actor = [q for q in ac.parameters() if q.requires_grad and id(q) not in critic_ids]
+    groups = [{"params": actor}, {"params": [q for q in critic.parameters() if q.requires_grad],
+                                  "lr": cfg.value.learning_rate or cfg.train.learning_rate}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.learning_rate,
+                             weight_decay=cfg.train.weight_decay)
+
+
+def kl_controller(cfg: Config):
+    k = cfg.ppo.kl
+    return AdaptiveKLController(k.coef, k.target, k.horizon) if k.adaptive else FixedKLController(k.coef)
+
+
+def main(cfg: Config, resume: bool = False) -> dict:
+    check_config(cfg)
+    run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
+    if resume and run.is_done():
+        print(f"{run.path} is already done; nothing to resume")
+        return json.loads((run.path / "DONE").read_text() or "{}")
+    set_seed(cfg.run.seed)
+    tok, ac, reference, reward_fn, prompts, prompt_ids = build(cfg)
+    run.write_config(cfg)
+    optimizer = build_optimizer(ac, cfg)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    kl_ctl = kl_controller(cfg)
+    start = 0
+    if resume:
+        resumed = restore_training_state(run, ac, optimizer, scheduler)
+        start = resumed.step
+        if resumed.extra:
+            kl_ctl.load_state_dict(resumed.extra["kl_controller"])
+    elif run.checkpoints.exists():  # a fresh run must not leave an older run's checkpoints to resume from
+        shutil.rmtree(run.checkpoints)
+    logger = MetricsLogger(run, resume_step=start if resume else None)
+    p = cfg.ppo
+    micro_size = p.minibatch_size // cfg.train.grad_accum
+    print(f"ppo: {len(prompts)} prompts, {p.rollout_batch_size} x {p.samples_per_prompt} samples per step, "
+          f"{p.steps} steps, value {cfg.value.mode}, reward {reward_fn.name}")
+
+    bar, task = progress(p.steps, "ppo")
+    last: dict[str, float] = {}
+    with bar:
+        bar.update(task, completed=start)
+        for step in range(start + 1, p.steps + 1):
+            try:
+                last = ppo_step(step, cfg, tok, ac, reference, reward_fn, prompts, prompt_ids, optimizer, scheduler,
+                                kl_ctl, micro_size)
+            except AlignkitError as e:  # a non-finite score/loss, a failing reward: stop, keep the last checkpoint
+                ckpt = latest_checkpoint(run)
+                logger.close()
+                raise AlignkitError(f"step {step}: {e}; stopped. Last good checkpoint: "
+                                    f"{ckpt if ckpt else 'none (no checkpoint written yet)'}") from None
+            if step % cfg.train.log_every == 0 or step == p.steps:
+                logger.log(step, {k: v for k, v in last.items() if not k.startswith("_")})
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == p.steps:
+                save_training_state(run, step, ac, optimizer, scheduler, cfg.train,
+                                    extra={"kl_controller": kl_ctl.state_dict(),
+                                           "data_position": step * p.rollout_batch_size})
+            bar.update(task, advance=1, info=f"score {last['score/mean']:.3f} kl {last['kl']:.3f}")
+    logger.close()
+
+    save_model(ac.policy, tok, run.final, extra={"stage": STAGE, "base": cfg.model.name, "reward": str(cfg.reward.spec),
+                                                  "steps": p.steps})
+    if last.get("_samples"):
+        (run.path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in last["_samples"]))
+    plot_curves(run)
+    summary = {k: v for k, v in last.items() if not k.startswith("_")}
+    run.mark_done(summary)
+    print(f"ppo: done; policy in {run.final}")
+    return summary
+
+
+def ppo_step(step: int, cfg: Config, tok, ac: ActorCritic, reference, reward_fn, prompts, prompt_ids, optimizer,
+             scheduler, kl_ctl, micro_size: int) -> dict:
+    """One PPO iteration: rollout, score, KL-shaped rewards, GAE, update. Returns its metrics."""
+    p = cfg.ppo
+    idx = prompt_batch(len(prompts), p.rollout_batch_size, cfg.run.seed, step)
+    batch_prompts = [prompts[i].prompt for i in idx]
+
+    # 1. rollout (no grad): responses, logprobs, ref_logprobs, values
+    t0 = time.perf_counter()
+    rollout = ppo_rollout(ac, tok, [prompt_ids[i] for i in idx], cfg.generation, reference=reference,
+                          n=p.samples_per_prompt, forward_batch_size=micro_size)
+    t1 = time.perf_counter()
+
+    # 2. score
+    scores, raw_scores = score_rollout(reward_fn, batch_prompts, rollout, cfg.reward.no_eos_penalty)
+    t2 = time.perf_counter()
+
+    # 3. KL-shaped rewards: -beta * (logprobs - ref_logprobs) per token, + score at the last token
+    mask = rollout.mask
+    rewards, kl = kl_shaped_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_ctl.value)
+    seq_kl = kl.sum(-1)  # per sequence, in nats: what the adaptive controller tracks
+
+    # 4. GAE; the value after the last token is 0 (the episode is over)
+    advantages, returns = gae(rollout.values, rewards, mask, p.gamma, p.lam)
+    if p.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+
+    # 5. update
+    generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
+    records = ppo_update(ac, rollout, advantages, returns, optimizer, scheduler, cfg, generator)
+    t3 = time.perf_counter()
+
+    kl_coef = kl_ctl.value
+    kl_ctl.update(seq_kl.mean().item(), len(rollout))
+    ev = explained_variance(rollout.values, returns, mask)
+    n_tokens = int(mask.sum())
+    metrics = {
+        "score/mean": scores.mean().item(),
+        "score/std": scores.std().item() if len(scores) > 1 else 0.0,
+        "score/raw_mean": raw_scores.mean().item(),
+        "kl": seq_kl.mean().item(),
+        "kl_coef": kl_coef,
+        "non_score_reward": (-kl_coef * seq_kl).mean().item(),
+        **mean_metrics(records),
+        "explained_variance": None if ev != ev else ev,  # NaN (no return variance) logs as null
+        "response_length": rollout.lengths.float().mean().item(),
+        "no_eos_share": 1.0 - rollout.finished.float().mean().item(),
+        "value_mean": masked_mean(rollout.values, mask).item(),
+        "tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
+        "memory/peak_rss_mb": peak_rss_mb(),
+        "lr": scheduler.get_last_lr()[0],
+        "time/rollout": t1 - t0,
+        "time/score": t2 - t1,
+        "time/update": t3 - t2,
+        "_first_micro_batch": records[0],
+        "_samples": [{"prompt": m[-1]["content"], "response": r, "score": s}
+                     for m, r, s in zip([batch_prompts[int(i)] for i in rollout.prompt_index], rollout.texts,
+                                        scores.tolist())],
+    }
+    return metrics
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (Linux/macOS), in MiB."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def plot_curves(run: RunDir) -> None:
+    """Score and KL over steps, as curves.png in the run folder."""
+    from alignkit.runs import read_metrics
+
+    rows = read_metrics(run.path)
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    panels = (("score/mean", "score (mean)"), ("kl", "KL to reference (nats / sequence)"))
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot(steps, [r.get(key) for r in rows], marker="o", markersize=2)
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run.path / "curves.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,125 @@
+"""PPO rollout: layout, log-probs at the sampling temperature, EOS handling, full-softmax sampling."""
+
+import pytest
+import torch
+
+from alignkit.config import GenerationConfig, ModelConfig
+from alignkit.data.collate import encode_prompt
+from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.recipes.ppo import ActorCritic, reference_forward
+from alignkit.rollout import layout, ppo_rollout
+
+PROMPTS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Tell me a long story about a brave little fox and the lazy dog."}],
+    [{"role": "user", "content": "Why is the sky blue?"}],
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine
+    # spinning OpenMP workers make them several times slower: run these on one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny:llama", padding_side="left")
+
+
+def _actor_critic(tok, seed=0):
+    policy = load_causal_lm(ModelConfig(name="tiny:llama", seed=seed), rl=True, tokenizer=tok)
+    ac = ActorCritic(policy)
+    with torch.no_grad():  # a non-zero head, so that misaligned values would show
+        ac.value_head.weight.normal_(0, 0.5)
+    return ac
+
+
+def test_layout_left_pads_prompts_and_right_pads_responses():
+    pad = 0
+    # the second response samples the pad id as an ordinary token: it must stay valid
+    ids, attn, pos, resp, mask, P = layout([[5, 6], [7]], [[8, 2], [0, 9, 10]], pad)
+    assert P == 2
+    assert ids.tolist() == [[5, 6, 8, 2, 0], [0, 7, 0, 9, 10]]
+    assert attn.tolist() == [[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert pos.tolist() == [[0, 1, 2, 3, 3], [0, 0, 1, 2, 3]]
+    assert resp.tolist() == [[8, 2, 0], [0, 9, 10]]
+    assert mask.tolist() == [[True, True, False], [True, True, True]]
+
+
+def test_rollout_logprobs_and_values_match_each_sequence_scored_alone(tok):
+    torch.manual_seed(0)
+    ac = _actor_critic(tok)
+    gen = GenerationConfig(max_new_tokens=7, temperature=0.7, batch_size=4)
+    prompt_ids = [encode_prompt(tok, p) for p in PROMPTS]
+    ro = ppo_rollout(ac, tok, prompt_ids, gen, reference=reference_forward(ac.policy), n=2, forward_batch_size=4)
+    assert len(ro) == 6 and ro.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert ro.context_length == max(len(p) for p in prompt_ids)
+    for i in range(len(ro)):
+        n = int(ro.mask[i].sum())
+        response = ro.responses[i, :n]
+        seq = torch.tensor(prompt_ids[ro.prompt_index[i]] + response.tolist())[None]
+        with torch.no_grad():  # no padding, default positions: the ground truth
+            out = ac.policy(input_ids=seq, output_hidden_states=True)
+        start = len(prompt_ids[ro.prompt_index[i]]) - 1
+        logits = out.logits[0, start:start + n]
+        expected = torch.log_softmax(logits / 0.7, -1).gather(-1, response[:, None]).squeeze(-1)
+        torch.testing.assert_close(ro.logprobs[i, :n], expected, atol=1e-5, rtol=0)
+        at_t1 = torch.log_softmax(logits, -1).gather(-1, response[:, None]).squeeze(-1)
+        assert not torch.allclose(ro.logprobs[i, :n], at_t1, atol=1e-3)  # the temperature is applied
+        values = ac.value_head(out.hidden_states[-1][0, start:start + n]).squeeze(-1)
+        torch.testing.assert_close(ro.values[i, :n], values, atol=1e-5, rtol=0)
+        # padding holds zeros, never stray numbers that a statistic could pick up
+        assert (ro.logprobs[i, n:] == 0).all() and (ro.values[i, n:] == 0).all()
+    # full fine-tuning: the reference is a frozen copy, identical before any update
+    assert torch.equal(ro.logprobs, ro.ref_logprobs)
+
+
+def test_finished_responses_keep_eos_as_an_action(tok):
+    torch.manual_seed(1)
+    ac = _actor_critic(tok)
+    eos = tok.eos_token_id
+    # Make EOS likely (about 1 in 8 per token) so that some responses finish and some do not.
+    ac.policy.lm_head.register_forward_hook(lambda m, i, out: out + 5.0 * (torch.arange(out.shape[-1]) == eos))
+    gen = GenerationConfig(max_new_tokens=6, batch_size=16)
+    ro = ppo_rollout(ac, tok, [encode_prompt(tok, PROMPTS[0])], gen, reference=reference_forward(ac.policy), n=24,
+                     forward_batch_size=8)
+    finished = ro.finished.tolist()
+    assert any(finished) and not all(finished)
+    for i, done in enumerate(finished):
+        n = int(ro.mask[i].sum())
+        if done:
+            assert ro.responses[i, n - 1] == eos  # EOS is the last valid token...
+            assert ro.logprobs[i, n - 1] < 0  # ...and scored like any other action
+            assert eos not in ro.responses[i, :n - 1].tolist()
+        else:
+            assert n == gen.max_new_tokens and eos not in ro.responses[i, :n].tolist()
+
+
+def test_sampling_draws_from_the_full_softmax(tok):
+    # transformers falls back to top_k=50 when top_k is unset; PPO's log-probs are
+    # those of the full softmax, so the sampler must not truncate. The tiny random
+    # model is close to uniform over 1,024 tokens: 300 draws give far more than 50
+    # distinct first tokens, and at most 50 under a top-50 truncation.
+    torch.manual_seed(2)
+    ac = _actor_critic(tok)
+    gen = GenerationConfig(max_new_tokens=1, batch_size=300)
+    ro = ppo_rollout(ac, tok, [encode_prompt(tok, PROMPTS[2])], gen, reference=reference_forward(ac.policy), n=300,
+                     forward_batch_size=300)
+    assert len(set(ro.responses[:, 0].tolist())) > 120
+
+
+def test_rollout_is_reproducible_from_the_seed(tok):
+    ac = _actor_critic(tok)
+    gen = GenerationConfig(max_new_tokens=5, batch_size=8)
+    prompt_ids = [encode_prompt(tok, p) for p in PROMPTS]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(ppo_rollout(ac, tok, prompt_ids, gen, reference=reference_forward(ac.policy), forward_batch_size=2))
+    assert torch.equal(runs[0].responses, runs[1].responses) and runs[0].texts == runs[1].texts
+    assert torch.equal(runs[0].logprobs, runs[1].logprobs)
