@@ -1,0 +1,208 @@
+"""An OpenAI-compatible chat-completions server for any model alignkit loads.
+
+    alignkit serve runs/demo/ppo/final                       # http://127.0.0.1:8000/v1
+    alignkit serve builtin:smollm2-135m-instruct --port 8001
+    alignkit serve runs/demo/dpo/final --api-key-env MY_KEY   # clients must send that key
+
+Then any OpenAI client talks to it::
+
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "x", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 64}'
+
+Endpoints: ``POST /v1/chat/completions`` (messages, max_tokens or
+max_completion_tokens, temperature (0 = greedy), top_p, n, seed, stop, stream)
+and ``GET /v1/models``. Generation goes through :func:`alignkit.rollout.generate`,
+one request at a time (the model is shared; on a CPU parallel requests only
+fight over the cores). ``stream: true`` is answered as one chunk plus ``[DONE]``,
+so streaming clients work. It also makes an alignkit judge's endpoint backend
+usable against your own models (``judge.backend: openai``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignkit.config import GenerationConfig, ModelConfig
+
+MAX_N = 16
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Any = ""
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, logit_bias...) are ignored
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+def _content(value: Any) -> str:
+    """Message content as text: a string, or OpenAI's list of ``{"type": "text", "text"}`` parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(p.get("text", "") for p in value if isinstance(p, dict) and p.get("type") == "text")
+    raise ValueError("message content must be text or a list of text parts")
+
+
+def create_app(model, tokenizer, model_id: str, max_tokens_limit: int = 1024, default_max_tokens: int = 256,
+               api_key: str | None = None):
+    """The FastAPI app serving ``model`` under the name ``model_id``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from alignkit.rollout import generate
+
+    app = FastAPI(title=f"alignkit serve: {model_id}")
+    lock = threading.Lock()
+    created = int(time.time())
+
+    def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request body",
+                     param=where or None)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                             "authentication_error")
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                             "owned_by": "alignkit"}]}
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": model_id}
+
+    @app.post("/v1/chat/completions")
+    def chat(req: ChatRequest):
+        try:
+            messages = [{"role": m.role, "content": _content(m.content)} for m in req.messages]
+        except ValueError as e:
+            return error(400, str(e), param="messages")
+        bad = [m["role"] for m in messages if m["role"] not in ("system", "user", "assistant")]
+        if bad:
+            return error(400, f"unsupported message role '{bad[0]}' (use system, user or assistant)",
+                         param="messages")
+        max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        if max_new > max_tokens_limit:
+            return error(400, f"max_tokens {max_new} is over this server's limit {max_tokens_limit}",
+                         param="max_tokens")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        greedy = temperature == 0  # OpenAI's convention: temperature 0 means the most likely tokens
+        gen = GenerationConfig(max_new_tokens=max_new, temperature=temperature if not greedy else 1.0,
+                               top_p=req.top_p or 1.0, do_sample=not greedy, batch_size=MAX_N)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        with lock:
+            outs = generate(model, tokenizer, [messages], gen, n=req.n, seed=req.seed)
+        choices, completion_tokens = [], 0
+        for i, g in enumerate(outs):
+            text, reason = g.text, "stop" if g.finished else "length"
+            cut = [text.find(s) for s in stops if s and s in text]
+            if cut:
+                text, reason = text[:min(cut)], "stop"
+            completion_tokens += len(g.response_ids)
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "finish_reason": reason, "logprobs": None})
+        prompt_tokens = len(outs[0].prompt_ids) if outs else 0
+        body = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_id, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+        if not req.stream:
+            return body
+        return StreamingResponse(_as_stream(body), media_type="text/event-stream")
+
+    return app
+
+
+def _as_stream(body: dict):
+    """A finished completion as server-sent events: one delta chunk per choice, then [DONE]."""
+    for c in body["choices"]:
+        chunk = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"],
+                 "model": body["model"], "choices": [{"index": c["index"], "delta": c["message"],
+                                                      "finish_reason": c["finish_reason"]}]}
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignkit serve", description="an OpenAI-compatible chat-completions server")
+    p.add_argument("model", nargs="?", default="builtin:smollm2-135m-instruct",
+                   help="hub id, model folder (e.g. runs/demo/ppo/final), builtin:... or tiny:...")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="the model id clients see (default: the model argument)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="refuse requests for more new tokens")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="when a request gives no max_tokens")
+    p.add_argument("--api-key-env", default=None,
+                   help="require 'Authorization: Bearer KEY' where KEY is this environment variable's value")
+    return p
+
+
+def make_server(argv: list[str]):
+    """Load the model and build the uvicorn server (``.run()`` serves until interrupted)."""
+    import uvicorn
+
+    from alignkit.errors import AlignkitError
+    from alignkit.models import load_causal_lm, load_tokenizer
+
+    args = _parser().parse_args(argv)
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise AlignkitError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not api_key:
+        print(f"alignkit serve: warning: listening on {args.host} without --api-key-env; anyone who can reach "
+              f"this port can use the model")
+    cfg = ModelConfig(name=args.model, dtype=args.dtype)
+    tok = load_tokenizer(cfg.name, cfg.cache_dir)
+    model = load_causal_lm(cfg, trainable=False, tokenizer=tok)
+    app = create_app(model, tok, args.name or args.model, args.max_tokens_limit, args.default_max_tokens, api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    return uvicorn.Server(config)
+
+
+def cli(argv: list[str], stage: str = "serve") -> int:
+    server = make_server(argv)
+    host, port = server.config.host, server.config.port
+    print(f"alignkit serve: http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models); Ctrl-C stops")
+    server.run()
+    return 0
