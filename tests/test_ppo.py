@@ -207,6 +207,7 @@ def nan_on_third_call(prompts, responses):
     ("ppo.minibatch_size=5", "must divide the rollout"),
     ("generation.top_k=50", "full softmax"),
     ("train.grad_accum=3", "must divide ppo.minibatch_size"),
+    ("value.init=runs/x/rm/final", "set value.mode=separate"),
 ])
 def test_inconsistent_configs_are_one_line_errors(tmp_path, capsys, override, message):
     assert run_cli(tmp_path, override) == 2

@@ -139,6 +139,8 @@ def check_config(cfg: Config) -> None:
         # importance ratios would be wrong.
         raise ConfigError("PPO samples from the full softmax: keep generation.do_sample=true, top_p=1.0, top_k=0 "
                           "(use generation.temperature to sharpen)")
+    if cfg.value.mode == "shared" and (cfg.value.init != "policy" or cfg.value.lora.enabled):
+        raise ConfigError("value.init and value.lora apply to a separate critic: set value.mode=separate")
     if cfg.train.max_steps is not None:
         raise ConfigError("train.max_steps is not used by PPO; set ppo.steps")
 
