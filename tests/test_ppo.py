@@ -61,9 +61,8 @@ def test_first_minibatch_has_ratio_one_and_zero_kl(tmp_path, variant):
     if variant == "lora":
         overrides += ["model.lora.enabled=true", "model.lora.r=4"]
     if variant == "separate-value":
-        rm_dir = tmp_path / "rm"
-        rm = save_tiny_reward_model(rm_dir)
-        overrides += ["value.mode=separate", f"value.init={rm_dir}"]
+        rm = save_tiny_reward_model(tmp_path / "rm" / "final")
+        overrides += ["value.mode=separate", f"value.init={tmp_path / 'rm'}"]  # a run folder, like rm:PATH
     cfg = tiny_config(tmp_path, *overrides)
     set_seed(0)
     tok, ac, reference, reward_fn, prompts, prompt_ids = ppo.build(cfg)

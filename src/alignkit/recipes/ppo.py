@@ -38,6 +38,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,7 +76,8 @@ class RewardSection:
 class ValueSection:
     mode: str = opt("shared", choices=("shared", "separate"),
                     help="shared: a value head on the policy's trunk; separate: its own model")
-    init: str = opt("policy", help="separate mode: a reward model (alignkit rm's final/) or 'policy'")
+    init: str = opt("policy", help="separate mode: a reward model (an alignkit rm run folder or its final/) "
+                                   "or 'policy'")
     lora: LoraConfig = field(default_factory=LoraConfig)
     learning_rate: float | None = opt(None, gt=0, help="critic learning rate; null = train.learning_rate")
 
@@ -189,6 +191,8 @@ def token_values(scorer, input_ids, attention_mask, position_ids, keep: int) -> 
 
 def load_value_model(cfg: Config, tok):
     name = cfg.model.name if cfg.value.init == "policy" else cfg.value.init
+    if (Path(name) / "final" / "config.json").exists():  # a run folder, as rm:PATH accepts
+        name = str(Path(name) / "final")
     vcfg = ModelConfig(name=name, dtype=cfg.model.dtype, lora=cfg.value.lora, cache_dir=cfg.model.cache_dir,
                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
     scorer = load_sequence_scorer(vcfg, trainable=True, rl=True, tokenizer=tok)
