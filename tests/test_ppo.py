@@ -221,3 +221,12 @@ def test_shipped_configs_load():
     assert load_config(ppo.Config, TINY.parent / "ppo.yaml").model.lora.enabled
     with pytest.raises(ConfigError):
         load_config(ppo.Config, TINY, ["ppo.kl.coeff=0.1"])
+
+
+def test_a_too_long_prompt_is_a_located_error(tmp_path, capsys):
+    prompts = Path(__file__).parent / "data" / "prompts.jsonl"
+    assert run_cli(tmp_path, f"data.prompts.path={prompts}", "data.prompts.kind=null",
+                   "data.prompts.max_prompt_length=4") == 2
+    err = capsys.readouterr().err.strip()
+    assert "prompts.jsonl:line 1: field 'prompt': prompt is" in err and "max_prompt_length=4" in err
+    assert len(err.splitlines()) == 1
