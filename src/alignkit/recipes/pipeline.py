@@ -141,7 +141,8 @@ def run_pipeline(path: str | Path, overrides: list[str] | tuple = (), start_from
     stale = False  # once a stage reruns, every later stage reruns too
     started = time.time()
     for i, spec in enumerate(pipe.stages, 1):
-        module, cfg = stage_config(pipe, spec, folders, str(path))
+        earlier = {s.name: folders[s.name] for s in pipe.stages[:i - 1]}
+        module, cfg = stage_config(pipe, spec, earlier, str(path))
         folder = folders[spec.name]
         digest = config_hash(cfg)
         marker = folder / MARKER

@@ -1,0 +1,73 @@
+"""The whole loop end to end on tiny models, through the CLI; reruns skip finished stages."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignkit.errors import ConfigError
+from alignkit.recipes.pipeline import MARKER, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "run-tiny.yaml"
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "alignkit", "run", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path):
+    out = run(TINY, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    base = Path("runs") / "tiny-pipeline"  # relative to the working folder, as the YAML says
+    assert (tmp_path / base).is_dir()
+    for stage in ("label-ai", "rm", "ppo", "dpo", "eval"):
+        assert (tmp_path / base / stage / MARKER).exists(), stage
+    # the stages handed their outputs on: rm trained on label-ai's pairs, PPO used that RM
+    rm_cfg = yaml.safe_load((tmp_path / base / "rm" / "config.yaml").read_text())
+    assert rm_cfg["data"]["path"] == str(base / "label-ai" / "final" / "pairs.jsonl")
+    ppo_cfg = yaml.safe_load((tmp_path / base / "ppo" / "config.yaml").read_text())
+    assert ppo_cfg["reward"]["spec"] == f"rm:{base / 'rm' / 'final'}"
+    metrics = json.loads((tmp_path / base / "eval" / "final" / "metrics.json").read_text())
+    assert "ppo" in json.dumps(metrics) and "dpo" in json.dumps(metrics)
+    assert (tmp_path / base / "eval" / "final" / "report.html").exists()
+
+    # a rerun with nothing changed skips every stage
+    again = run(TINY, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") == 5
+
+    # a changed stage config reruns that stage and the ones after it, not those before
+    changed = run(TINY, "stages.dpo.train.learning_rate=0.002", cwd=tmp_path)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert changed.stdout.count("skipped") == 3  # label, rm, ppo
+    assert "dpo (dpo): running" in changed.stdout and "eval (eval): running" in changed.stdout
+
+
+def test_pipeline_errors(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: x\nstages:\n  - {name: a, stage: sft}\n  - {name: a, stage: rm}\n")
+    with pytest.raises(ConfigError, match="'stages\\[1\\].name': 'a' is used twice"):
+        load_pipeline(bad)
+    bad.write_text("name: x\nstages:\n  - {name: a, stage: nope}\n")
+    with pytest.raises(ConfigError, match="'nope' is not a pipeline stage"):
+        load_pipeline(bad)
+    bad.write_text("name: x\nstagse: []\n")
+    with pytest.raises(ConfigError, match="unknown config key 'stagse'"):
+        load_pipeline(bad)
+
+
+def test_references_to_later_stages_are_errors(tmp_path):
+    from alignkit.recipes.pipeline import run_pipeline
+
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\noutput_dir: " + str(tmp_path) + "\nstages:\n"
+                 "  - {name: a, stage: sft, config: {data: {path: '${b.final}/x.jsonl'}}}\n"
+                 "  - {name: b, stage: rm}\n")
+    with pytest.raises(ConfigError, match="names no earlier stage|'\\$\\{b\\}'"):
+        run_pipeline(p)
