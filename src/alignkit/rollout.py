@@ -52,7 +52,8 @@ def generate(model, tokenizer, prompts: list[Messages], gen: GenerationConfig, n
         attn = pad([[1] * len(s) for s in seqs], 0, side="left").to(device)
         kwargs = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
         if gen.do_sample:
-            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or None)
+            # top_k=0 must be passed as 0: None lets transformers fall back to top_k=50.
+            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         seq = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
