@@ -128,11 +128,17 @@ def stage_config(pipe: Pipeline, spec: StageSpec, folders: dict[str, Path], sour
 
 
 def run_pipeline(path: str | Path, overrides: list[str] | tuple = (), start_from: str | None = None,
-                 console=None) -> dict[str, Path]:
+                 console=None, rename: dict | None = None) -> dict[str, Path]:
+    """Run the stages not done yet; returns each stage's run folder by name.
+
+    ``rename`` may replace the pipeline's ``name`` and ``output_dir``.
+    """
     from rich.console import Console
 
     console = console or Console()
     pipe = load_pipeline(path, overrides)
+    for key, value in (rename or {}).items():
+        setattr(pipe, key, value)
     if start_from and start_from not in {s.name for s in pipe.stages}:
         raise AlignkitError(f"--from {start_from}: no such stage in {path}")
     folders: dict[str, Path] = {}
