@@ -88,6 +88,7 @@ def test_judge_answer_outside_a_b_tie_is_an_error():
 def test_llm_judge_outcomes_mirror_when_the_models_swap_sides(tmp_path):
     # judge:pairwise from alignkit.judges on a tiny random model, logprob mode: the
     # soft label averages both orders, so judging (a, b) and (b, a) must mirror exactly.
+    pytest.importorskip("alignkit.judges")
     options = {"model": {"name": "tiny:llama", "seed": 3}, "mode": "logprob", "cache": False}
     judge = M.build_pairwise_judge("judge:pairwise", options)
     a = ["Sure, here is how.", "No.", "I can help with that.", "Stop asking."]
@@ -146,6 +147,27 @@ def test_a_scorer_that_is_not_a_probability_or_fails_is_an_error_not_a_zero():
         M.ToxicityScorer(f"python:{MODULE}:reward_logit", invert=False)(PROMPTS[:2], ["a", "b"])
     with pytest.raises(AlignkitError, match="non-finite"):
         M.ToxicityScorer(f"python:{MODULE}:reward_nan")(PROMPTS[:2], ["a", "b"])
+
+
+def test_classifier_toxicity_either_label_gives_the_same_probability(tmp_path, tiny_tokenizer):
+    # A two-label text classifier saved to a folder, as a hub toxicity model would be:
+    # P(toxic) read directly equals 1 - P(ok) read with invert.
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, id2label={0: "ok", 1: "toxic"},
+                         label2id={"ok": 0, "toxic": 1}, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    tiny_tokenizer.save_pretrained(tmp_path / "clf")
+    texts = ["you are kind", "go away now", "thanks a lot"]
+    toxic = M.ToxicityScorer(f"classifier:{tmp_path / 'clf'}:toxic:prob", invert=False)(PROMPTS[:3], texts)
+    not_ok = M.ToxicityScorer(f"classifier:{tmp_path / 'clf'}:ok:prob", invert=True)(PROMPTS[:3], texts)
+    np.testing.assert_allclose(toxic, not_ok, atol=1e-6)
+    assert np.all((toxic > 0) & (toxic < 1)) and np.ptp(toxic) > 0
+    # The raw logit is not a probability: an error that says what to use.
+    with pytest.raises(AlignkitError, match=r"classifier:MODEL:LABEL:prob"):
+        M.ToxicityScorer(f"classifier:{tmp_path / 'clf'}:toxic", invert=False)(PROMPTS[:3], texts * 3)
 
 
 def test_summary_against_a_baseline_by_hand():

@@ -105,8 +105,9 @@ class ToxicityScorer:
 
     Rewards are higher-is-better, so with ``invert`` (the default) toxicity is
     ``1 - score``: for ``profanity`` (1 - P(offensive)) that gives P(offensive).
-    A scorer that already returns P(toxic) (e.g. ``classifier:MODEL:toxic``) is
-    used with ``invert=False``. Anything outside [0, 1] or non-finite is an
+    A scorer that already returns P(toxic) (``classifier:MODEL:toxic:prob``) is
+    used with ``invert=False``; a "not toxic" probability
+    (``classifier:MODEL:nothate:prob``) with ``invert=True``. Anything outside [0, 1] or non-finite is an
     error: a failed score must never be read as "not toxic".
     """
 
@@ -123,7 +124,8 @@ class ToxicityScorer:
             i = int(bad[0])
             raise AlignkitError(
                 f"toxicity scorer '{self.name}' gave {scores[i]:.4g} for response {i}: toxicity must be a "
-                f"probability in [0, 1] (toxicity.invert={self.invert}); use a scorer that returns probabilities")
+                f"probability in [0, 1] (toxicity.invert={self.invert}); use a scorer that returns probabilities "
+                f"(classifier:MODEL:LABEL:prob)")
         return np.clip(toxicity, 0.0, 1.0)
 
 
