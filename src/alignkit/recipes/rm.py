@@ -48,7 +48,7 @@ from alignkit.data.io import ErrorPolicy
 from alignkit.errors import AlignkitError, ConfigError, DataError
 from alignkit.losses import pairwise_loss, reward_centering_loss
 from alignkit.models import load_sequence_scorer, load_tokenizer, save_model
-from alignkit.recipes.sft import run_dir_at, split_off, synthetic_records
+from alignkit.recipes.sft import done_step, run_dir_at, split_off, synthetic_records
 from alignkit.rewards.model import META_FILE, RMInput, normalisation_stats, score_batch, score_encoded
 from alignkit.runs import MetricsLogger, RunDir, config_hash, progress, set_seed
 from alignkit.training import (Resumed, build_optimizer, build_scheduler, clip_and_step, restore_training_state,
@@ -206,7 +206,9 @@ def train_rm(cfg: Config, pairs: list[PreferencePair], run_dir: RunDir | str | P
     model = load_sequence_scorer(cfg.model, tokenizer=tok).to(_device())
     rm_input = RMInput(tok, cfg.layout, cfg.data.max_length)
     train = encode_pairs(rm_input, pairs, cfg.data.on_error)
-    held = encode_pairs(rm_input, eval_pairs or [], cfg.data.on_error) if eval_pairs else None
+    held = encode_pairs(rm_input, eval_pairs, cfg.data.on_error) if eval_pairs else None
+    if held is not None and not held.chosen:  # every held-out pair skipped (on_error=skip)
+        held = None
     if not train.units:
         raise AlignkitError("alignkit rm: no usable training pairs")
     params = trainable_parameters(model)
@@ -217,6 +219,9 @@ def train_rm(cfg: Config, pairs: list[PreferencePair], run_dir: RunDir | str | P
     spe = steps_per_epoch(n_units, cfg.train)
     eval_batch = cfg.train.batch_size * 2
 
+    if resume and run.is_done() and done_step(run) == last_step and run.final.exists():
+        print(f"alignkit rm: {run.path} is already complete ({last_step} steps)")
+        return run.final
     start = restore_training_state(run, model, optimizer, scheduler) if resume else Resumed()
     run.write_config(cfg)
     logger = MetricsLogger(run, resume_step=start.step if resume else None)
@@ -250,10 +255,11 @@ def train_rm(cfg: Config, pairs: list[PreferencePair], run_dir: RunDir | str | P
                     sums[k] = sums.get(k, 0.0) + v * share
 
             # 4. clip and update
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (step() moves it on)
             grad_norm = clip_and_step(params, optimizer, scheduler, cfg.train.max_grad_norm)
 
             # 5. log, evaluate, checkpoint
-            metrics = {**sums, "pairs": n_pairs, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+            metrics = {**sums, "pairs": n_pairs, "grad_norm": grad_norm, "lr": lr,
                        "epoch": step / spe}
             if held and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == last_step):
                 eval_metrics, held_scores = evaluate(model, rm_input, held, eval_batch)

@@ -11,7 +11,7 @@ loss and perplexity come from ``data.eval_path`` or a ``data.eval_fraction`` spl
 
 Each example is the chat-template prompt + response + EOS; only response tokens
 (and the EOS, so the model learns to stop) carry loss. With ``packing: true``
-whole examples are concatenated into rows of up to ``data.max_length`` tokens;
+whole examples are packed (first fit) into rows of up to ``data.max_length`` tokens;
 position ids restart at each example, which makes transformers attend within
 each example only (a block-diagonal causal mask), so packing changes speed,
 not the loss.
@@ -53,7 +53,7 @@ class Config:
     data: DataConfig = field(default_factory=lambda: DataConfig(format="sft"))
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    packing: bool = opt(False, help="concatenate whole examples into rows of up to data.max_length tokens")
+    packing: bool = opt(False, help="pack whole examples into rows of up to data.max_length tokens")
 
 
 # --------------------------------------------------------------------------- data
@@ -143,21 +143,22 @@ class PackedRow:
 
 
 def pack(encoded: list[Encoded], max_length: int) -> list[PackedRow]:
-    """Next-fit packing of whole examples (in the given order) into rows of <= max_length."""
-    rows: list[PackedRow] = []
-    ids: list[int] = []
-    pos: list[int] = []
-    mask: list[bool] = []
+    """First-fit packing of whole examples into rows of <= max_length tokens.
+
+    Each example goes into the first row with room for it (else a new row), so
+    rows fill up better than by cutting the stream in order; no example is split.
+    """
+    rows: list[tuple[list[int], list[int], list[bool]]] = []
     for e in encoded:
-        if ids and len(ids) + len(e.input_ids) > max_length:
-            rows.append(PackedRow(ids, pos, mask))
-            ids, pos, mask = [], [], []
-        ids = ids + e.input_ids
-        pos = pos + list(range(len(e.input_ids)))
-        mask = mask + e.response_mask
-    if ids:
-        rows.append(PackedRow(ids, pos, mask))
-    return rows
+        n = len(e.input_ids)
+        row = next((r for r in rows if len(r[0]) + n <= max_length), None)
+        if row is None:
+            row = ([], [], [])
+            rows.append(row)
+        row[0].extend(e.input_ids)
+        row[1].extend(range(n))
+        row[2].extend(e.response_mask)
+    return [PackedRow(ids, pos, mask) for ids, pos, mask in rows]
 
 
 def collate_packed(rows: list[PackedRow], pad_id: int) -> tuple[dict, torch.Tensor]:
@@ -259,7 +260,7 @@ def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | P
     scheduler = build_scheduler(optimizer, cfg.train)
     last_step = total_steps(len(train_units), cfg.train)
 
-    if resume and run.is_done() and _done_step(run) == last_step and run.final.exists():
+    if resume and run.is_done() and done_step(run) == last_step and run.final.exists():
         print(f"alignkit sft: {run.path} is already complete ({last_step} steps)")
         return run.final
     start = restore_training_state(run, model, optimizer, scheduler) if resume else Resumed()
@@ -287,11 +288,12 @@ def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | P
                 step_loss += float(loss.detach())
 
             # 3. clip and update
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (step() moves it on)
             grad_norm = clip_and_step(params, optimizer, scheduler, cfg.train.max_grad_norm)
 
             # 4. log, evaluate, checkpoint
             metrics = {"loss": step_loss, "perplexity": float(torch.tensor(step_loss).exp()),
-                       "tokens": num_tokens, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                       "tokens": num_tokens, "grad_norm": grad_norm, "lr": lr,
                        "epoch": step / spe}
             if eval_units and ((eval_every and step % eval_every == 0) or step == last_step):
                 metrics.update(evaluate(model, eval_units, pad_id, cfg.train.batch_size))
@@ -314,7 +316,8 @@ def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | P
     return run.final
 
 
-def _done_step(run: RunDir) -> int | None:
+def done_step(run: RunDir) -> int | None:
+    """The step count a finished run recorded in DONE (None when unfinished)."""
     try:
         return json.loads((run.path / "DONE").read_text()).get("steps")
     except (OSError, ValueError):
