@@ -145,6 +145,28 @@ def test_resume_after_interruption_gives_the_same_curve(tmp_path, monkeypatch):
                 assert b[key] == pytest.approx(a[key], abs=1e-6)
 
 
+def test_grad_accumulation_1x4_equals_4x1_through_train_sft(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    # Plain SGD with lr 1 makes the weight change equal the (clipped) gradient; Adam's
+    # first step, g / (|g| + eps), would magnify float noise in near-zero entries.
+    monkeypatch.setattr(sft, "build_optimizer", lambda params, train: torch.optim.SGD(params, lr=1.0))
+    cfg = load_config(sft.Config, TINY, ["train.max_steps=1", "train.save_every=0", "train.max_grad_norm=1e6"])
+    weights = {}
+    for batch, accum in ((4, 1), (1, 4)):
+        cfg.train.batch_size, cfg.train.grad_accum = batch, accum
+        final = sft.train_sft(cfg, EXAMPLES, tmp_path / f"{batch}x{accum}")  # the API other recipes call
+        assert final == tmp_path / f"{batch}x{accum}" / "final"
+        weights[batch] = load_file(final / "model.safetensors")
+    # Short and long examples weigh per token in both, so one step moves the weights alike.
+    initial = load_causal_lm(ModelConfig(name="tiny:llama")).state_dict()
+    moved = 0
+    for name, w in weights[4].items():
+        assert torch.allclose(w, weights[1][name], atol=1e-6), name
+        moved += not torch.equal(w, initial[name])
+    assert moved > 0
+
+
 def test_too_long_example_is_a_located_one_line_error(tmp_path, capsys):
     rc = cli.main(["sft", "--config", TINY, f"run.output_dir={tmp_path}", f"data.path={DATA / 'sft.jsonl'}", "data.eval_fraction=0",
                    "data.max_length=16"])
