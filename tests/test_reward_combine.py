@@ -63,7 +63,8 @@ def z(values):
 
 
 def test_weighted_mean_of_normalised_scores():
-    fn = build_reward({"weighted": [{"reward": "fixedrm:helpful", "weight": 3}, {"reward": "fixed:clean", "weight": 1}]})
+    fn = build_reward({"weighted": [{"reward": "fixedrm:helpful", "weight": 3},
+                                    {"reward": "fixed:clean", "weight": 1}]})
     got = fn(PROMPTS, RESPONSES)
     # helpful has stored stats: (s - 1) / 2 -> [0.5, -0.5, -1, 1]; clean is z-scored over the batch.
     stored = np.array([0.5, -0.5, -1.0, 1.0])

@@ -168,7 +168,8 @@ def test_grad_accumulation_1x4_equals_4x1_through_train_sft(tmp_path, monkeypatc
 
 
 def test_too_long_example_is_a_located_one_line_error(tmp_path, capsys):
-    rc = cli.main(["sft", "--config", TINY, f"run.output_dir={tmp_path}", f"data.path={DATA / 'sft.jsonl'}", "data.eval_fraction=0",
+    rc = cli.main(["sft", "--config", TINY, f"run.output_dir={tmp_path}", f"data.path={DATA / 'sft.jsonl'}",
+                   "data.eval_fraction=0",
                    "data.max_length=16"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1

@@ -48,7 +48,7 @@ from alignkit.data.io import ErrorPolicy
 from alignkit.errors import AlignkitError, ConfigError, DataError
 from alignkit.losses import pairwise_loss, reward_centering_loss
 from alignkit.models import load_sequence_scorer, load_tokenizer, save_model
-from alignkit.recipes.sft import done_step, run_dir_at, split_off, synthetic_records
+from alignkit.recipes.sft import clear_run, done_step, run_dir_at, split_off, synthetic_records
 from alignkit.rewards.model import META_FILE, RMInput, normalisation_stats, score_batch, score_encoded
 from alignkit.runs import MetricsLogger, RunDir, config_hash, progress, set_seed
 from alignkit.training import (Resumed, build_optimizer, build_scheduler, clip_and_step, restore_training_state,
@@ -222,6 +222,8 @@ def train_rm(cfg: Config, pairs: list[PreferencePair], run_dir: RunDir | str | P
     if resume and run.is_done() and done_step(run) == last_step and run.final.exists():
         print(f"alignkit rm: {run.path} is already complete ({last_step} steps)")
         return run.final
+    if not resume:
+        clear_run(run)
     start = restore_training_state(run, model, optimizer, scheduler) if resume else Resumed()
     run.write_config(cfg)
     logger = MetricsLogger(run, resume_step=start.step if resume else None)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -263,6 +264,8 @@ def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | P
     if resume and run.is_done() and done_step(run) == last_step and run.final.exists():
         print(f"alignkit sft: {run.path} is already complete ({last_step} steps)")
         return run.final
+    if not resume:
+        clear_run(run)
     start = restore_training_state(run, model, optimizer, scheduler) if resume else Resumed()
     run.write_config(cfg)
     logger = MetricsLogger(run, resume_step=start.step if resume else None)
@@ -314,6 +317,13 @@ def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | P
                                              "config_hash": config_hash(cfg), **summary})
     run.mark_done(summary)
     return run.final
+
+
+def clear_run(run: RunDir) -> None:
+    """A fresh start in a used folder: drop its checkpoints and DONE, so a later
+    ``--resume`` cannot pick up a checkpoint of the earlier run."""
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    (run.path / "DONE").unlink(missing_ok=True)
 
 
 def done_step(run: RunDir) -> int | None:

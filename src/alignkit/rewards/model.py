@@ -238,7 +238,8 @@ def _build(spec: str, path: str, options: dict, ctx: dict) -> RewardModel:
     known = {"normalize", "batch_size", "dtype"}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise AlignkitError(f"reward '{spec}': unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise AlignkitError(f"reward '{spec}': unknown option(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(known))}")
     if not path:
         raise AlignkitError(f"reward '{spec}': give a folder, e.g. rm:runs/NAME/rm")
     try:
