@@ -91,3 +91,10 @@ def test_generate_best_of_n_keeps_the_highest_score(tmp_path):
 def test_cli_user_errors(args, fragment, tmp_path):
     out = alignkit(*args)
     assert out.returncode == 2 and fragment in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_starts_with_a_reply_from_the_builtin_model():
+    out = alignkit("demo", "--chat-only")
+    assert out.returncode == 0, out.stderr
+    user, assistant = out.stdout.strip().splitlines()[:2]
+    assert user.startswith("user: ") and len(assistant) > len("assistant: ") + 20

@@ -16,7 +16,10 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from alignkit.recipes.chat import chat
 from alignkit.recipes.pipeline import run_pipeline
+
+DEMO_PROMPT = "In two sentences, what is reinforcement learning from human feedback?"
 
 # --quick: a smaller version of every stage, same shape.
 QUICK = [
@@ -39,8 +42,13 @@ def cli(argv: list[str], stage: str = "demo") -> int:
     p.add_argument("--quick", action="store_true", help="a ~10-minute version")
     p.add_argument("--output-dir", default="runs", help="where runs/NAME/STAGE folders go")
     p.add_argument("--from", dest="start_from", default=None, help="rerun from this stage on")
+    p.add_argument("--chat-only", action="store_true", help="only answer one prompt with the built-in model")
     p.add_argument("overrides", nargs="*", metavar="stages.NAME.key=value")
     args = p.parse_args(argv)
+    # First, the model as it starts: one chat reply (also a quick check that it loads).
+    chat(["--greedy", "--max-new-tokens", "96", DEMO_PROMPT])
+    if args.chat_only:
+        return 0
     overrides = (QUICK if args.quick else []) + list(args.overrides)
     name = "demo-quick" if args.quick else "demo"
     folders = run_pipeline(demo_pipeline(), overrides, args.start_from,
