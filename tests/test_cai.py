@@ -44,6 +44,12 @@ def test_bad_constitution_names_file_principle_and_field(tmp_path):
         load_constitution("no_such_constitution")
 
 
+def test_repetition_flags_loops_not_short_or_fresh_text():
+    assert cai.repetition("Please talk to him calmly about the queue.") == 0.0
+    assert cai.repetition("Ladle, lazy, lazy, lazy, lazy, lazy, lazy, lazy, lazy, lazy") > 0.5
+    assert cai.repetition("no no") == 0.0  # too short to have a 3-gram
+
+
 def test_clean_revision_strips_labels_and_quotes():
     assert clean_revision('Revised answer: "Please be kind."') == "Please be kind."
     assert clean_revision("**Here is the revised response:** Talk to him calmly.") == "Talk to him calmly."
@@ -59,9 +65,10 @@ def test_cai_both_phases_on_a_tiny_model(tmp_path):
     by_name = {p.name: p for p in principles}
 
     # 1. the SFT set: (prompt, final revision) with the whole chain, readable by alignkit sft
-    rows = _rows(final / "sft.jsonl")
+    rows, dropped = _rows(final / "sft.jsonl"), _rows(final / "sft_dropped.jsonl")
     examples = load_sft(str(final / "sft.jsonl"))
-    assert len(examples) == len(rows) == 3
+    assert len(examples) == len(rows) and len(rows) + len(dropped) == 3 and rows
+    assert all(d["dropped"] for d in dropped)  # set aside with a reason, never silently
     for row, ex in zip(rows, examples):
         assert ex.prompt == row["prompt"] and ex.prompt[0]["role"] == "user"
         chain = row["chain"]

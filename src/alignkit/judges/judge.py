@@ -67,9 +67,11 @@ class JudgeStats:
     clamped: int = 0
     inconsistent: int = 0  # pairwise: the swapped question gave the other answer
     examples: list = field(default_factory=list)  # a few unparsable answers, for the report
+    soft: bool = False  # pairwise logprob mode: inconsistent orders give a near-0.5 soft label, not a tie
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "examples"} | {"unparsable_examples": self.examples}
+        return {k: v for k, v in self.__dict__.items() if k not in ("examples", "soft")} | {
+            "unparsable_examples": self.examples}
 
     def summary(self, what: str) -> str:
         parts = [f"{self.asked} {what}", f"{self.calls} model calls", f"{self.cached} from cache"]
@@ -80,7 +82,8 @@ class JudgeStats:
         if self.clamped:
             parts.append(f"{self.clamped} clamped")
         if self.inconsistent:
-            parts.append(f"{self.inconsistent} position-inconsistent (ties)")
+            parts.append(f"{self.inconsistent} changed with the order of the two responses"
+                         + (" (soft labels near 0.5)" if self.soft else " (ties)"))
         return ", ".join(parts)
 
     def note_bad(self, raw) -> None:
@@ -185,6 +188,10 @@ class ScalarJudge(_Judge):
 
 
 class PairwiseJudge(_Judge):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.stats.soft = self.cfg.mode == "logprob"
+
     def compare(self, prompts: list[Messages], responses_a: list[str], responses_b: list[str],
                 guidelines: list[str] | str | None = None) -> list[PairVerdict]:
         """Which of a and b is better, for each prompt; asked in both orders."""

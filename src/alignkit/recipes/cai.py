@@ -12,6 +12,8 @@ Supervised phase (SL-CAI), for each red-team prompt:
    its answer under the principle's critique request, then rewrites it under the
    revision request; the revision becomes the answer;
 3. (prompt, final revision) is an SFT example, with the whole chain kept beside it;
+   a final answer that is empty or loops (``supervised.max_repetition``) is set
+   aside in ``sft_dropped.jsonl`` instead: fine-tuning on a loop teaches the loop;
 4. with ``supervised.fine_tune`` the model is fine-tuned on those examples by
    :func:`alignkit.recipes.sft.train_sft` (the same loop as ``alignkit sft``).
 
@@ -26,7 +28,8 @@ Output ``runs/NAME/cai/``:
 - ``final/sft.jsonl``: ``{"prompt", "completion", "initial_response", "chain":
   [{"round", "principle", "critique_request", "critique", "revision_request",
   "revision"}], "provenance"}`` (an SFT file for ``alignkit sft``);
-- ``final/chains.md``: the same chains to read;
+- ``final/sft_dropped.jsonl``: the same records for answers left out, with the reason;
+- ``final/chains.md``: every chain, to read;
 - ``final/preferences.jsonl``: ``{"prompt", "chosen", "rejected", "soft_label",
   "principle", "provenance"}``; ``soft_label`` is the judge's P(chosen is better);
 - ``sft/final/``: the fine-tuned model (with ``supervised.fine_tune``);
@@ -64,6 +67,8 @@ class SupervisedConfig:
     fine_tune: bool = opt(True, help="fine-tune on the revisions; false: only write the data set")
     train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-5, batch_size=4, epochs=2.0))
     max_length: int = opt(512, ge=16, help="longest prompt + revision in tokens for fine-tuning")
+    max_repetition: float = opt(0.5, ge=0, le=1, help="leave out of the SFT set a revision whose share of "
+                                                      "repeated word 3-grams is above this (1: keep all)")
 
 
 @dataclass
@@ -186,6 +191,22 @@ def critique_revise(model, tok, prompts: list[PromptExample], principles: list[P
     return records
 
 
+def repetition(text: str) -> float:
+    """Share of a text's word 3-grams that repeat an earlier one: 0 for fresh text, near 1 for a loop.
+
+    Small models often fall into loops ("lazy, lazy, lazy, ..."); fine-tuning on a
+    looping revision would teach the loop, not the principle.
+
+    >>> repetition("be kind to him"), round(repetition("no no no no no no"), 2)
+    (0.0, 0.75)
+    """
+    from alignkit.eval.stats import distinct_n
+
+    if len(text.split()) < 3:
+        return 0.0
+    return 1.0 - distinct_n([text], 3)
+
+
 def write_chains_md(path: Path, prompts: list[PromptExample], records: list[dict]) -> None:
     lines = ["# Constitutional AI: critique and revision chains", ""]
     for p, rec in zip(prompts, records):
@@ -236,29 +257,35 @@ def main(cfg: Config, resume: bool = False) -> Path:
     # 1. supervised phase: answer -> (critique -> revision) x rounds
     t0 = time.time()
     records = critique_revise(model, tok, prompts, principles, cfg.supervised.rounds, cfg.generation, cfg.run.seed)
-    examples, n_empty = [], 0
-    with (run.final / "sft.jsonl").open("w") as f:
+    # 2. the SFT set: (prompt, final revision); empty or looping ones go to sft_dropped.jsonl
+    examples, n_empty, dropped = [], 0, 0
+    with (run.final / "sft.jsonl").open("w") as f, (run.final / "sft_dropped.jsonl").open("w") as d:
         for p, rec in zip(prompts, records):
             n_empty += sum(not step["revision"] for step in rec["chain"])
-            if not rec["current"].strip():  # nothing to learn from: counted, not written
+            row = {"prompt": p.prompt, "completion": rec["current"], "initial_response": rec["initial_response"],
+                   "chain": rec["chain"],
+                   "provenance": {**base_prov, "prompt_id": p.id, "rounds": cfg.supervised.rounds}}
+            rep = repetition(rec["current"])
+            if not rec["current"].strip() or rep > cfg.supervised.max_repetition:
+                dropped += 1
+                d.write(json.dumps({**row, "dropped": "empty" if not rec["current"].strip()
+                                    else f"repetition {rep:.2f} > {cfg.supervised.max_repetition}"}) + "\n")
                 continue
-            f.write(json.dumps({"prompt": p.prompt, "completion": rec["current"],
-                                "initial_response": rec["initial_response"], "chain": rec["chain"],
-                                "provenance": {**base_prov, "prompt_id": p.id, "rounds": cfg.supervised.rounds}})
-                    + "\n")
+            f.write(json.dumps(row) + "\n")
             examples.append(SFTExample(p.prompt, rec["current"], f"{run.final / 'sft.jsonl'}:{p.id}"))
     write_chains_md(run.final / "chains.md", prompts, records)
-    summary.update(sft_examples=len(examples), empty_revisions=n_empty,
+    summary.update(sft_examples=len(examples), sft_dropped=dropped, empty_revisions=n_empty,
                    unchanged=sum(r["current"] == r["initial_response"] for r in records))
     seconds["critique_revise"] = time.time() - t0
-    print(f"alignkit cai: {len(examples)} revised answers -> {run.final / 'sft.jsonl'} "
-          f"({n_empty} empty revisions kept the previous answer)")
+    print(f"alignkit cai: {len(examples)} revised answers -> {run.final / 'sft.jsonl'} ({n_empty} empty revisions "
+          f"kept the previous answer; {dropped} empty or looping final answers -> sft_dropped.jsonl)")
 
-    # 2. fine-tune on the revisions (the same SFT loop as `alignkit sft`)
+    # 3. fine-tune on the revisions (the same SFT loop as `alignkit sft`)
     in_memory = cfg.model.name  # what the weights in `model` are, as a model name
     if cfg.supervised.fine_tune:
         if not examples:
-            raise AlignkitError("cai: every revision is empty; nothing to fine-tune on")
+            raise AlignkitError("cai: every final revision is empty or looping (see sft_dropped.jsonl); "
+                                "nothing to fine-tune on")
         from alignkit.recipes.sft import train_sft
 
         t0 = time.time()
@@ -266,7 +293,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
         seconds["fine_tune"] = time.time() - t0
         summary["sft_model"] = in_memory = str(sft_final)
 
-    # 3. AI feedback: two answers per prompt, the judge picks under a drawn principle
+    # 4. AI feedback: two answers per prompt, the judge picks under a drawn principle
     if cfg.feedback.enabled:
         t0 = time.time()
         summary.update(feedback(cfg, run, prompts, principles, model, tok, in_memory, base_prov))
