@@ -207,6 +207,26 @@ def repetition(text: str) -> float:
     return 1.0 - distinct_n([text], 3)
 
 
+def write_sft_set(folder: Path, prompts: list[PromptExample], records: list[dict], max_repetition: float,
+                  provenance: dict) -> tuple[list[SFTExample], int, int]:
+    """sft.jsonl (+ sft_dropped.jsonl for empty or looping answers); returns (examples, empty revisions, dropped)."""
+    examples, n_empty, dropped = [], 0, 0
+    with (folder / "sft.jsonl").open("w") as f, (folder / "sft_dropped.jsonl").open("w") as d:
+        for p, rec in zip(prompts, records):
+            n_empty += sum(not step["revision"] for step in rec["chain"])
+            row = {"prompt": p.prompt, "completion": rec["current"], "initial_response": rec["initial_response"],
+                   "chain": rec["chain"], "provenance": {**provenance, "prompt_id": p.id}}
+            rep = repetition(rec["current"])
+            if not rec["current"].strip() or rep > max_repetition:
+                dropped += 1
+                reason = "empty" if not rec["current"].strip() else f"repetition {rep:.2f} > {max_repetition}"
+                d.write(json.dumps({**row, "dropped": reason}) + "\n")
+                continue
+            f.write(json.dumps(row) + "\n")
+            examples.append(SFTExample(p.prompt, rec["current"], f"{folder / 'sft.jsonl'}:{p.id}"))
+    return examples, n_empty, dropped
+
+
 def write_chains_md(path: Path, prompts: list[PromptExample], records: list[dict]) -> None:
     lines = ["# Constitutional AI: critique and revision chains", ""]
     for p, rec in zip(prompts, records):
@@ -258,21 +278,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
     t0 = time.time()
     records = critique_revise(model, tok, prompts, principles, cfg.supervised.rounds, cfg.generation, cfg.run.seed)
     # 2. the SFT set: (prompt, final revision); empty or looping ones go to sft_dropped.jsonl
-    examples, n_empty, dropped = [], 0, 0
-    with (run.final / "sft.jsonl").open("w") as f, (run.final / "sft_dropped.jsonl").open("w") as d:
-        for p, rec in zip(prompts, records):
-            n_empty += sum(not step["revision"] for step in rec["chain"])
-            row = {"prompt": p.prompt, "completion": rec["current"], "initial_response": rec["initial_response"],
-                   "chain": rec["chain"],
-                   "provenance": {**base_prov, "prompt_id": p.id, "rounds": cfg.supervised.rounds}}
-            rep = repetition(rec["current"])
-            if not rec["current"].strip() or rep > cfg.supervised.max_repetition:
-                dropped += 1
-                d.write(json.dumps({**row, "dropped": "empty" if not rec["current"].strip()
-                                    else f"repetition {rep:.2f} > {cfg.supervised.max_repetition}"}) + "\n")
-                continue
-            f.write(json.dumps(row) + "\n")
-            examples.append(SFTExample(p.prompt, rec["current"], f"{run.final / 'sft.jsonl'}:{p.id}"))
+    examples, n_empty, dropped = write_sft_set(run.final, prompts, records, cfg.supervised.max_repetition,
+                                               {**base_prov, "rounds": cfg.supervised.rounds})
     write_chains_md(run.final / "chains.md", prompts, records)
     summary.update(sft_examples=len(examples), sft_dropped=dropped, empty_revisions=n_empty,
                    unchanged=sum(r["current"] == r["initial_response"] for r in records))
