@@ -10,7 +10,7 @@ import pytest
 
 from alignkit.config import GenerationConfig, ModelConfig
 from alignkit.errors import AlignkitError, ConfigError
-from alignkit.judges import (JudgeConfig, LocalBackend, PairwiseJudge, ScalarJudge, build_judge, load_template,
+from alignkit.judges import (JudgeConfig, LocalBackend, PairwiseJudge, build_judge, load_template,
                              parse_choice, parse_score, shipped_templates)
 from alignkit.judges.template import parse_template
 
