@@ -101,6 +101,18 @@ def test_llm_judge_outcomes_mirror_when_the_models_swap_sides(tmp_path):
         M.build_pairwise_judge("judge:quality", {**options, "mode": "generate"})
 
 
+def test_an_llm_verdict_that_flips_with_the_order_is_a_tie():
+    judges = pytest.importorskip("alignkit.judges")
+
+    class Fixed:  # an alignkit.judges pairwise judge with fixed answers
+        def compare(self, prompts, responses_a, responses_b):
+            return [judges.PairVerdict("A", 0.9, True, True, ()), judges.PairVerdict("B", 0.2, True, True, ()),
+                    judges.PairVerdict("A", 0.55, False, True, ()), judges.PairVerdict("tie", 0.5, True, True, ())]
+
+    # Logprob mode averages the orders (p = 0.55 -> "A"), but the two orders disagreed: a tie.
+    assert M.LLMJudge(Fixed(), "fixed").compare(PROMPTS, ["a"] * 4, ["b"] * 4) == ["win", "loss", "tie", "tie"]
+
+
 def test_unknown_judge_spec_is_an_error():
     with pytest.raises(AlignkitError, match="unknown judge"):
         M.build_pairwise_judge("oracle:gpt")

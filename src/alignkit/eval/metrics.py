@@ -292,8 +292,10 @@ class SwappedJudge:
 
 class LLMJudge:
     """``judge:TEMPLATE``: an :mod:`alignkit.judges` pairwise judge. It asks both
-    orders itself (a disagreement is a tie; in logprob mode the two orders' soft
-    labels are averaged), so it is not swapped again here."""
+    orders itself, so it is not swapped again here. In logprob mode the judge
+    averages the two orders' soft labels; an evaluation counts a verdict that
+    flips with the order as a tie all the same, the rule :func:`judge_swapped`
+    applies, so that a position-biased judge cannot decide the sign test."""
 
     def __init__(self, judge, name: str):
         self.judge, self.name = judge, name
@@ -301,7 +303,7 @@ class LLMJudge:
     def compare(self, prompts: Sequence[Messages], responses_a: Sequence[str],
                 responses_b: Sequence[str]) -> list[str]:
         verdicts = self.judge.compare(list(prompts), list(responses_a), list(responses_b))
-        return [{"A": "win", "B": "loss", "tie": "tie"}[v.winner] for v in verdicts]
+        return [{"A": "win", "B": "loss", "tie": "tie"}[v.winner] if v.consistent else "tie" for v in verdicts]
 
     def notes(self) -> str:
         stats_ = getattr(self.judge, "stats", None)

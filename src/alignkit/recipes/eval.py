@@ -300,8 +300,8 @@ def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messa
                                    progress_cb=lambda n: bar.advance(task, n))
             samples[name] = M.ModelSamples.from_generations(name, generations, k, model.temperature,
                                                             tok.eos_token_id)
-            if name == reference.name:
-                kl[name] = np.zeros(len(generations))  # the same weights: exactly 0
+            if (model.load_path, model.dtype, model.seed) == (reference.load_path, reference.dtype, reference.seed):
+                kl[name] = np.zeros(len(generations))  # the same weights (e.g. at another temperature): exactly 0
             elif _same_vocab(tok, ref_tok):
                 kl[name] = M.response_kl(lm, ref_lm, samples[name], tok.pad_token_id, cfg.generation.batch_size)
             else:
@@ -311,6 +311,7 @@ def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messa
                 del lm, tok
                 _release_memory()
             timings[name] = time.perf_counter() - started
+            bar.console.print(f"eval: sampled {name!r}: {len(generations)} responses in {timings[name]:.0f} s")
     del ref_lm, ref_tok
     _release_memory()
     return samples, kl, timings
@@ -374,8 +375,12 @@ def _run_info(cfg: Config, models: list[_Model], prompts, baseline: str, referen
 
 
 def _sample_rows(prompts, models: list[_Model], scores: dict[str, M.ModelScores], k: int, limit: int) -> list[dict]:
+    """The first sample of ``limit`` prompts spread evenly over the set (a prompt file is
+    often grouped by kind; the first rows alone would show one kind)."""
     rows = []
-    for i, prompt in enumerate(prompts[:limit]):
+    shown = sorted({int(i) for i in np.linspace(0, len(prompts) - 1, min(limit, len(prompts))).round()})
+    for i in shown:
+        prompt = prompts[i]
         responses = {}
         for m in models:
             s = scores[m.name]
