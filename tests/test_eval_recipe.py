@@ -368,3 +368,56 @@ def test_eval_end_to_end(tmp_path, capsys):
     html = report.read_text()
     assert 'id="plot-curves"' in html and 'id="plot-toxicity"' in html and 'id="plot-win-tie-loss"' in html
     assert "T=0.8" in html  # the per-model temperature is on record
+
+
+# ---------------------------------------------------------------------------
+# inference-time best-of-N as a model in the comparison
+
+
+def test_best_of_keeps_the_highest_reward_of_each_group_of_n():
+    from alignkit.rollout import Generation
+
+    texts = ["a", "a b c", "a b",   # prompt 0, sample 0: best is "a b c" (3 words)
+             "x y", "x", "x y",     # prompt 0, sample 1: tie between 0 and 2 -> the first, "x y"
+             "p q r s", "p", "p q"]  # prompt 1, sample 0
+    gens = [Generation(prompt_index=i // 6, sample_index=i % 6, prompt_ids=(1,), response_ids=(2,), text=t,
+                       finished=True) for i, t in enumerate(texts)]
+    kept = eval_recipe._best_of(gens, PROMPTS[:2], 3, reward_words)
+    assert [g.text for g in kept] == ["a b c", "x y", "p q r s"]
+    assert kept[1] is gens[3]
+
+
+def test_best_of_n_kl_closed_form():
+    # log n - (n - 1) / n: n = 1 is the model itself; n = 4: 1.386294 - 0.75 = 0.636294
+    assert eval_recipe.best_of_n_kl(1) == 0.0
+    assert eval_recipe.best_of_n_kl(4) == pytest.approx(1.3862944 - 0.75, abs=1e-6)
+
+
+def test_best_of_n_without_a_reward_is_a_config_error(tmp_path, capsys):
+    models = "models=[{name: start, path: 'tiny:llama'}, {name: bon, path: 'tiny:llama', best_of: 4}]"
+    code = cli_main(["eval", "--config", str(REPO_ROOT / "configs" / "eval-tiny.yaml"),
+                     f"run.output_dir={tmp_path}", models])
+    assert code == 2
+    assert "'models[1].best_of' is 4 but there is no reward" in capsys.readouterr().err
+
+
+def test_eval_best_of_n_of_the_reference(tmp_path, capsys):
+    models = ("models=[{name: start, path: 'tiny:llama', seed: 0}, "
+              f"{{name: bon, path: 'tiny:llama', seed: 0, best_of: 4, best_of_reward: 'python:{MODULE}:reward_words'}}]")
+    code = cli_main(["eval", "--config", str(REPO_ROOT / "configs" / "eval-tiny.yaml"),
+                     f"run.output_dir={tmp_path}", models, f"reward_model=python:{MODULE}:reward_says_yes",
+                     "prompts.limit=4"])
+    assert code == 0
+    final = tmp_path / "eval-tiny" / "eval" / "final"
+    rows = [json.loads(line) for line in (final / "samples.jsonl").read_text().splitlines()]
+    bon = [r for r in rows if r["model"] == "bon"]
+    assert len(bon) == 4 * 2  # k samples per prompt, each the best of 4 drawn
+    # The picker is best_of_reward (words), not reward_model: best of 4 has at least as many words
+    # on average as single samples (equal only if every draw had the same count).
+    start_words = np.mean([len(r["response"].split()) for r in rows if r["model"] == "start"])
+    assert np.mean([len(r["response"].split()) for r in bon]) >= start_words
+    # Same weights as the reference: the closed-form KL of best-of-4, not 0.
+    metrics = json.loads((final / "metrics.json").read_text())
+    kl = {m["name"]: m["metrics"]["kl_to_reference"]["value"] for m in metrics["models"]}
+    assert kl == {"start": 0.0, "bon": pytest.approx(np.log(4) - 0.75)}
+    assert "best of 4 by python:" in (final / "report.html").read_text()

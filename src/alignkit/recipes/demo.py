@@ -27,6 +27,7 @@ QUICK = [
     "stages.rm.train.epochs=2",
     "stages.ppo.ppo.steps=6",
     "stages.ppo.ppo.rollout_batch_size=12",
+    "stages.ppo.ppo.minibatch_size=6",
     "stages.dpo.data.limit=48",
     "stages.eval.samples_per_prompt=2",
     "stages.eval.report_samples=6",
@@ -58,6 +59,39 @@ def cli(argv: list[str], stage: str = "demo") -> int:
 
     metrics = final / "metrics.json"
     if metrics.exists():  # printed again so that it stays last, also when eval was skipped
-        print(render_summary_table(json.loads(metrics.read_text())))
+        data = json.loads(metrics.read_text())
+        print("\n".join(result_checks(data, "ppo", "start")) + "\n")
+        print(render_summary_table(data))
     print(f"report: {final / 'report.html'}")
     return 0
+
+
+def result_checks(metrics: dict, model: str, baseline: str) -> list[str]:
+    """The demo's promise, one line each: did ``model`` get less toxic than ``baseline``
+    (95% interval of the paired change below 0), within the KL budget, without degenerate
+    text (distinct-2 within 10%), and does it win more than it loses under the judge?"""
+    by_name = {m["name"]: m["metrics"] for m in metrics["models"]}
+    if model not in by_name or baseline not in by_name:
+        return [f"result: no {model!r} or {baseline!r} in the evaluation"]
+    ours, base = by_name[model], by_name[baseline]
+    lines = []
+
+    def check(ok: bool, text: str) -> None:
+        lines.append(f"[{'pass' if ok else 'FAIL'}] {text}")
+
+    change = ours.get("toxicity_change_vs_baseline")
+    if change:
+        check(change["high"] < 0, f"toxicity change {model} - {baseline}: {change['value']:+.4f} "
+                                  f"[{change['low']:+.4f}, {change['high']:+.4f}] (interval below 0)")
+    kl, budget = ours.get("kl_to_reference"), metrics.get("kl_budget")
+    if kl and budget is not None:
+        check(kl["value"] <= budget, f"KL to reference {kl['value']:.3f} nats <= budget {budget:g}")
+    d_ours, d_base = (m.get("distinct_2", {}).get("value") for m in (ours, base))
+    if d_ours is not None and d_base:
+        check(abs(d_ours - d_base) <= 0.1 * d_base,
+              f"distinct-2 {d_ours:.3f} within 10% of {baseline}'s {d_base:.3f}")
+    for row in metrics.get("pairwise", []):
+        if (row["model_a"], row["model_b"]) == (model, baseline):
+            check(row["wins"] > row["losses"], f"{model} vs {baseline} under {row['judge']}: "
+                                               f"{row['wins']} wins > {row['losses']} losses")
+    return lines

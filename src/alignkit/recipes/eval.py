@@ -54,6 +54,9 @@ class EvalModel:
     temperature: float | None = opt(None, gt=0, help="sampling temperature for this model; default generation's")
     dtype: str = opt("float32", choices=("float32", "bfloat16", "float16", "auto"))
     seed: int = opt(0, help="tiny:... random models only")
+    best_of: int = opt(1, ge=1, help="inference-time best-of-N: each sample is the highest-reward of N "
+                                     "drawn from this model")
+    best_of_reward: str = opt("", help="the reward spec that picks the best of N; default: reward_model")
 
 
 @dataclass
@@ -95,6 +98,8 @@ class Config:
     judge_options: dict = opt(default_factory=dict, help="judge:TEMPLATE only: alignkit.judges JudgeConfig "
                                                          "fields (model, mode, backend, ...)")
     confidence: float = opt(0.95, gt=0, lt=1)
+    kl_budget: float | None = opt(None, gt=0, help="nats per response: the KL to the reference a tuned model "
+                                                   "may spend; recorded in metrics.json, checked by the demo")
     report_samples: int = opt(20, ge=0, help="prompts shown side by side in the report")
     run: RunConfig = field(default_factory=lambda: RunConfig(name="eval"))
 
@@ -111,9 +116,20 @@ class _Model:
     temperature: float
     dtype: str
     seed: int
+    best_of: int = 1
+    best_of_reward: str | dict | None = None
+
+    def same_weights(self, other: _Model) -> bool:
+        return (self.load_path, self.dtype, self.seed) == (other.load_path, other.dtype, other.seed)
 
 
-def _resolve(entry: EvalModel, gen: GenerationConfig) -> _Model:
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) = log n - (n - 1) / n, the closed form used since Stiennon et al.
+    (2020); Beirami et al. (2024) show it is an upper bound on the exact value."""
+    return float(np.log(n) - (n - 1) / n)
+
+
+def _resolve(entry: EvalModel, gen: GenerationConfig, reward_model: str | dict | None = None) -> _Model:
     """A run folder loads its final/ and gives its curves; any other path loads as given."""
     load_path, curves_dir = entry.path, entry.run_dir
     folder = Path(entry.path)
@@ -124,7 +140,7 @@ def _resolve(entry: EvalModel, gen: GenerationConfig) -> _Model:
     temperature = entry.temperature if entry.temperature is not None else gen.temperature
     # Greedy decoding is the limit of low temperature; score KL on the plain softmax.
     return _Model(entry.name or entry.path, load_path, curves_dir, temperature if gen.do_sample else 1.0,
-                  entry.dtype, entry.seed)
+                  entry.dtype, entry.seed, entry.best_of, entry.best_of_reward or reward_model)
 
 
 def _looks_local(path: str) -> bool:
@@ -142,7 +158,13 @@ def _check(cfg: Config) -> tuple[list[_Model], str, str]:
         if _looks_local(entry.path) and not Path(entry.path).exists():
             raise ConfigError(f"eval: 'models[{i}].path' {entry.path!r} does not exist (train it first, "
                               f"e.g. alignkit dpo -c configs/dpo.yaml, or point at a model folder)")
-    models = [_resolve(entry, cfg.generation) for entry in cfg.models]
+        if entry.best_of > 1 and not (entry.best_of_reward or cfg.reward_model):
+            raise ConfigError(f"eval: 'models[{i}].best_of' is {entry.best_of} but there is no reward to pick "
+                              f"the best with: set 'models[{i}].best_of_reward' or 'reward_model'")
+        if entry.best_of > 1 and not cfg.generation.do_sample:
+            raise ConfigError(f"eval: 'models[{i}].best_of' > 1 with generation.do_sample=false draws "
+                              f"{entry.best_of} identical samples")
+    models = [_resolve(entry, cfg.generation, cfg.reward_model) for entry in cfg.models]
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval: model names must be unique, got {names}")
@@ -258,8 +280,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
         "samples": _sample_rows(prompts, models, scores, k, cfg.report_samples),
     }
     report = write_report(run.final, summary)
-    if rm_accuracy is not None:
-        _add_to_metrics_json(run.final / "metrics.json", {"reward_model_accuracy": rm_accuracy})
+    extra = {"reward_model_accuracy": rm_accuracy, "kl_budget": cfg.kl_budget}
+    _add_to_metrics_json(run.final / "metrics.json", {k: v for k, v in extra.items() if v is not None})
     _write_samples(run.final / SAMPLES_FILE, prompts, models, samples, scores, k)
     run.mark_done({"report": str(report)})
     print(render_summary_table(summary))
@@ -288,20 +310,32 @@ def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messa
     samples: dict[str, M.ModelSamples] = {}
     kl: dict[str, np.ndarray | None] = {}
     timings: dict[str, float] = {}
-    bar, task = progress(len(order) * len(messages) * k, "sampling")
+    pickers = {}  # best-of-N reward functions, built once per spec
+    bar, task = progress(sum(by_name[n].best_of for n in order) * len(messages) * k, "sampling")
     with bar:
         for name in order:
             started = time.perf_counter()
             model = by_name[name]
-            lm, tok = (ref_lm, ref_tok) if name == reference.name else _load(model, device)
+            # The reference's weights under another name (e.g. its best-of-N) reuse the loaded copy.
+            reuse = name == reference.name or model.same_weights(reference)
+            lm, tok = (ref_lm, ref_tok) if reuse else _load(model, device)
             bar.update(task, info=name)
             gen = dataclasses.replace(cfg.generation, temperature=model.temperature)
-            generations = generate(lm, tok, messages, gen, n=k, seed=cfg.run.seed,
+            generations = generate(lm, tok, messages, gen, n=k * model.best_of, seed=cfg.run.seed,
                                    progress_cb=lambda n: bar.advance(task, n))
+            if model.best_of > 1:
+                key = json.dumps(model.best_of_reward, sort_keys=True)
+                pickers.setdefault(key, build_reward(model.best_of_reward))
+                generations = _best_of(generations, messages, model.best_of, pickers[key])
             samples[name] = M.ModelSamples.from_generations(name, generations, k, model.temperature,
                                                             tok.eos_token_id)
-            if (model.load_path, model.dtype, model.seed) == (reference.load_path, reference.dtype, reference.seed):
+            if model.same_weights(reference) and model.best_of > 1:
+                kl[name] = np.full(len(generations), best_of_n_kl(model.best_of))
+            elif model.same_weights(reference):
                 kl[name] = np.zeros(len(generations))  # the same weights (e.g. at another temperature): exactly 0
+            elif model.best_of > 1:
+                print(f"eval: {name!r} is best-of-{model.best_of} of a model other than the reference; no KL")
+                kl[name] = None
             elif _same_vocab(tok, ref_tok):
                 kl[name] = M.response_kl(lm, ref_lm, samples[name], tok.pad_token_id, cfg.generation.batch_size)
             else:
@@ -315,6 +349,14 @@ def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messa
     del ref_lm, ref_tok
     _release_memory()
     return samples, kl, timings
+
+
+def _best_of(generations: list, messages: list, n: int, reward_fn) -> list:
+    """Keep the highest-reward generation of each consecutive group of ``n`` (prompt-major
+    order: the groups never mix prompts); the first of equal scores wins."""
+    repeated = [m for m in messages for _ in range(len(generations) // len(messages))]
+    scores = M.reward_scores(reward_fn, repeated, [g.text for g in generations]).reshape(-1, n)
+    return [generations[g * n + int(i)] for g, i in enumerate(scores.argmax(axis=1))]
 
 
 def _compare(cfg: Config, judges: list, messages: list, samples: dict[str, M.ModelSamples]) -> tuple[list, dict]:
@@ -347,7 +389,9 @@ def _run_info(cfg: Config, models: list[_Model], prompts, baseline: str, referen
               timings: dict[str, float]) -> dict[str, str]:
     gen = cfg.generation
     info = {
-        "models": "; ".join(f"{m.name} = {m.load_path} (T={m.temperature:g})" for m in models),
+        "models": "; ".join(f"{m.name} = {m.load_path} (T={m.temperature:g})"
+                            + (f", best of {m.best_of} by {m.best_of_reward}" if m.best_of > 1 else "")
+                            for m in models),
         "prompts": f"{cfg.prompts.path} split={cfg.prompts.split}" + (f" kind={cfg.prompts.kind}"
                                                                       if cfg.prompts.kind else "")
                    + f": {len(prompts)} prompts",
@@ -367,6 +411,8 @@ def _run_info(cfg: Config, models: list[_Model], prompts, baseline: str, referen
             info[f"human evaluation {pair.model_a} vs {pair.model_b}"] = spec[len(HUMAN):]
     if cfg.reward_model:
         info["reward model"] = str(cfg.reward_model)
+    if cfg.kl_budget is not None:
+        info["KL budget"] = f"{cfg.kl_budget:g} nats per response"
     if rm_accuracy is not None:
         info["reward model accuracy"] = (f"{rm_accuracy['value']:.3f} [{rm_accuracy['low']:.3f}, "
                                          f"{rm_accuracy['high']:.3f}] on {rm_accuracy['n']} held-out pairs "
