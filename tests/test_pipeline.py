@@ -71,3 +71,27 @@ def test_references_to_later_stages_are_errors(tmp_path):
                  "  - {name: b, stage: rm}\n")
     with pytest.raises(ConfigError, match="names no earlier stage|'\\$\\{b\\}'"):
         run_pipeline(p)
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["demo", "demo-quick"])
+def test_builtin_demo_pipeline_stage_configs_are_valid(tmp_path, quick):
+    """`alignkit demo` would fail minutes in on a bad key; check every stage's config up front,
+    with --quick's overrides too, and the promises the demo checks (KL budget, PPO vs start)."""
+    from alignkit.recipes.demo import QUICK, demo_pipeline
+    from alignkit.recipes.pipeline import stage_config
+
+    pipe = load_pipeline(demo_pipeline(), QUICK if quick else [])
+    folders, configs = {}, {}
+    for spec in pipe.stages:
+        module, cfg = stage_config(pipe, spec, folders, "demo")
+        if hasattr(module, "check_config"):
+            module.check_config(cfg)
+        folders[spec.name] = tmp_path / spec.stage
+        configs[spec.name] = cfg
+    ppo, ev = configs["ppo"], configs["eval"]
+    assert ppo.reward.spec == f"rm:{tmp_path / 'rm' / 'final'}?normalize=true"  # the learned RM, not the classifier
+    assert ev.toxicity.scorer == configs["label"].reward  # scored by what labelled, not what PPO optimised
+    assert ev.kl_budget and {m.name for m in ev.models} >= {"start", "ppo", "dpo"}
+    assert any(m.best_of > 1 for m in ev.models)  # the inference-time baseline
+    assert ("ppo", "start") in {(p.model_a, p.model_b) for p in ev.pairwise}
+    assert (ppo.ppo.steps < 20) == quick

@@ -28,8 +28,8 @@ QUICK = [
     "stages.ppo.ppo.steps=6",
     "stages.ppo.ppo.rollout_batch_size=12",
     "stages.ppo.ppo.minibatch_size=6",
-    "stages.dpo.data.limit=48",
-    "stages.eval.samples_per_prompt=2",
+    "stages.dpo.data.limit=32",
+    "stages.eval.samples_per_prompt=1",
     "stages.eval.report_samples=6",
 ]
 
