@@ -1,12 +1,12 @@
 """The built-in demo: the whole loop on the built-in model, offline.
 
-    alignkit demo            # ~30 minutes on 2 CPU cores
-    alignkit demo --quick    # fewer prompts and steps: ~10 minutes
+    alignkit demo            # ~32 minutes on 2 CPU cores (stage times in the README)
+    alignkit demo --quick    # fewer prompts and steps, one sample per prompt in the evaluation
 
 Runs ``alignkit/pipelines/demo.yaml`` (AI labels -> reward model -> PPO and DPO ->
 evaluation) into ``runs/demo/`` (``runs/demo-quick/`` with ``--quick``); a rerun
-skips the stages already done. The last lines printed are the evaluation's summary
-table and the report's path.
+skips the stages already done. The last lines printed are pass/fail checks of the
+result, the evaluation's summary table and the report's path.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def demo_pipeline() -> Path:
 
 def cli(argv: list[str], stage: str = "demo") -> int:
     p = argparse.ArgumentParser(prog="alignkit demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a ~10-minute version")
+    p.add_argument("--quick", action="store_true", help="a smaller version of every stage")
     p.add_argument("--output-dir", default="runs", help="where runs/NAME/STAGE folders go")
     p.add_argument("--from", dest="start_from", default=None, help="rerun from this stage on")
     p.add_argument("--chat-only", action="store_true", help="only answer one prompt with the built-in model")

@@ -240,7 +240,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
     rm_accuracy = M.reward_model_accuracy(reward_fn, pairs, cfg.confidence) if reward_fn and pairs else None
 
     # 2. sample every model once, 3. KL to the reference on each model's own samples
-    samples, kl, timings = _sample_models(cfg, models, reference_name, messages)
+    samples, kl, timings = _sample_models(cfg, models, reference_name, messages, reward_fn)
 
     # 4. score the samples: toxicity and reward, all models on the same prompts
     scores: dict[str, M.ModelScores] = {}
@@ -293,7 +293,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
 # the phases
 
 
-def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messages: list) -> tuple:
+def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messages: list,
+                   reward_fn=None) -> tuple:
     """k samples per prompt from every model, and each sample's KL to the reference.
 
     The reference is loaded first and stays loaded, so every other model is
@@ -310,7 +311,8 @@ def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messa
     samples: dict[str, M.ModelSamples] = {}
     kl: dict[str, np.ndarray | None] = {}
     timings: dict[str, float] = {}
-    pickers = {}  # best-of-N reward functions, built once per spec
+    # best-of-N reward functions, built once per spec; reward_model's is already loaded
+    pickers = {json.dumps(cfg.reward_model, sort_keys=True): reward_fn} if reward_fn else {}
     bar, task = progress(sum(by_name[n].best_of for n in order) * len(messages) * k, "sampling")
     with bar:
         for name in order:
@@ -325,7 +327,8 @@ def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messa
                                    progress_cb=lambda n: bar.advance(task, n))
             if model.best_of > 1:
                 key = json.dumps(model.best_of_reward, sort_keys=True)
-                pickers.setdefault(key, build_reward(model.best_of_reward))
+                if key not in pickers:
+                    pickers[key] = build_reward(model.best_of_reward)
                 generations = _best_of(generations, messages, model.best_of, pickers[key])
             samples[name] = M.ModelSamples.from_generations(name, generations, k, model.temperature,
                                                             tok.eos_token_id)
