@@ -4,6 +4,7 @@ import) checked against values worked out by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -242,12 +243,16 @@ def _samples(tok, temperature=1.0):
                           (tuple(response_a), tuple(response_b)), (True, False), temperature, tok.eos_token_id)
 
 
-def _logprob_sum(model, prompt, response, temperature):
-    """The sequence log-probability written out token by token, without batching or padding."""
+def _token_logprobs(model, prompt, response, temperature) -> list[float]:
+    """Each response token's log-probability, written out one by one, without batching or padding."""
     ids = torch.tensor([list(prompt) + list(response)])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0].double() / temperature, -1)
-    return sum(float(logp[len(prompt) + t - 1, tok_id]) for t, tok_id in enumerate(response))
+    return [float(logp[len(prompt) + t - 1, tok_id]) for t, tok_id in enumerate(response)]
+
+
+def _logprob_sum(model, prompt, response, temperature):
+    return sum(_token_logprobs(model, prompt, response, temperature))
 
 
 def test_kl_is_zero_against_itself_and_equals_the_logprob_difference(tiny_models):
@@ -261,6 +266,21 @@ def test_kl_is_zero_against_itself_and_equals_the_logprob_difference(tiny_models
     assert not np.allclose(kl, 0.0)  # different weights: a real difference was measured
     # Batched with padding or one at a time: the same numbers.
     np.testing.assert_allclose(M.response_kl(policy, reference, samples, tok.pad_token_id, batch_size=1), kl,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_kl_uses_the_log_probs_the_sampler_recorded(tiny_models):
+    tok, policy, reference = tiny_models
+    plain = _samples(tok, temperature=0.7)
+    recorded = tuple(tuple(_token_logprobs(policy, p, r, 0.7)) for p, r in zip(plain.prompt_ids, plain.response_ids))
+    with_logprobs = dataclasses.replace(plain, logprobs=recorded)
+    kl = M.response_kl(policy, reference, plain, tok.pad_token_id, batch_size=2)
+    np.testing.assert_allclose(M.response_kl(policy, reference, with_logprobs, tok.pad_token_id, batch_size=2), kl,
+                               rtol=1e-4, atol=1e-5)
+    # they are read, not recomputed: 0.1 nats more per token is 0.1 x length more per sample
+    shifted = dataclasses.replace(plain, logprobs=tuple(tuple(x + 0.1 for x in lp) for lp in recorded))
+    lengths = np.array([len(r) for r in plain.response_ids])
+    np.testing.assert_allclose(M.response_kl(policy, reference, shifted, tok.pad_token_id), kl + 0.1 * lengths,
                                rtol=1e-4, atol=1e-5)
 
 

@@ -94,4 +94,4 @@ def test_builtin_demo_pipeline_stage_configs_are_valid(tmp_path, quick):
     assert ev.kl_budget and {m.name for m in ev.models} >= {"start", "ppo", "dpo"}
     assert any(m.best_of > 1 for m in ev.models)  # the inference-time baseline
     assert ("ppo", "start") in {(p.model_a, p.model_b) for p in ev.pairwise}
-    assert (ppo.ppo.steps < 20) == quick
+    assert (ppo.ppo.steps <= 6) == quick  # the --quick overrides reach the stages

@@ -69,15 +69,19 @@ class ModelSamples:
     finished: tuple[bool, ...]
     temperature: float  # the softmax temperature the samples were drawn at
     eos_id: int
+    # per sample, each response token's log-prob under the sampling distribution, when the
+    # sampler recorded them (then the KL pass runs only the reference)
+    logprobs: tuple[tuple[float, ...], ...] | None = None
 
     @classmethod
     def from_generations(cls, name: str, generations: Sequence, k: int, temperature: float,
                          eos_id: int) -> ModelSamples:
         if len(generations) % k:
             raise ValueError(f"{len(generations)} generations is not a multiple of k = {k}")
+        recorded = all(getattr(g, "logprobs", None) is not None for g in generations)
         return cls(name, k, tuple(g.text for g in generations), tuple(g.prompt_ids for g in generations),
                    tuple(g.response_ids for g in generations), tuple(g.finished for g in generations),
-                   temperature, eos_id)
+                   temperature, eos_id, tuple(g.logprobs for g in generations) if recorded else None)
 
     @property
     def n_prompts(self) -> int:
@@ -154,6 +158,17 @@ def _response_token_logprobs(model, input_ids, attention, labels, temperature: f
     return token_logprobs(logits[:, :-1], labels.to(device), temperature).cpu()
 
 
+def _recorded_logprobs(samples: ModelSamples, rows: range, mask: torch.Tensor) -> torch.Tensor:
+    """The sampler's log-probs laid out like ``_response_batch``'s mask (response positions)."""
+    out = torch.zeros(mask.shape)
+    for row, i in enumerate(rows):
+        lp = samples.logprobs[i]
+        if len(lp) != len(samples.response_ids[i]):
+            raise ValueError(f"sample {i}: {len(lp)} recorded log-probs for {len(samples.response_ids[i])} tokens")
+        out[row, mask[row]] = torch.tensor(lp, dtype=out.dtype)
+    return out
+
+
 @torch.inference_mode()
 def response_kl(model, reference, samples: ModelSamples, pad_id: int, batch_size: int = 16) -> np.ndarray:
     """Per-sample KL estimate ``sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]``, shape ``(N,)``.
@@ -163,7 +178,8 @@ def response_kl(model, reference, samples: ModelSamples, pad_id: int, batch_size
     a single sample can be negative. Both models score at the temperature the
     samples were drawn at, the distribution PPO's KL penalty is measured on
     (top-p / top-k truncation is not modelled). Model and reference must share
-    the tokenizer: the same ids are read under both.
+    the tokenizer: the same ids are read under both. When the sampler recorded
+    the samples' log-probs (``samples.logprobs``) the model is not run again.
     """
     model.eval()
     reference.eval()
@@ -171,7 +187,10 @@ def response_kl(model, reference, samples: ModelSamples, pad_id: int, batch_size
     for start in range(0, len(samples.texts), batch_size):
         rows = range(start, min(start + batch_size, len(samples.texts)))
         input_ids, attention, labels, mask = _response_batch(samples, rows, pad_id)
-        logprobs = _response_token_logprobs(model, input_ids, attention, labels, samples.temperature)
+        if samples.logprobs is not None:
+            logprobs = _recorded_logprobs(samples, rows, mask)
+        else:
+            logprobs = _response_token_logprobs(model, input_ids, attention, labels, samples.temperature)
         ref_logprobs = _response_token_logprobs(reference, input_ids, attention, labels, samples.temperature)
         out.append(sequence_logprobs(kl_k1(logprobs, ref_logprobs), mask))
     return torch.cat(out).double().numpy()
