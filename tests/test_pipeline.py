@@ -92,6 +92,7 @@ def test_builtin_demo_pipeline_stage_configs_are_valid(tmp_path, quick):
     assert ppo.reward.spec == f"rm:{tmp_path / 'rm' / 'final'}?normalize=true"  # the learned RM, not the classifier
     assert ev.toxicity.scorer == configs["label"].reward  # scored by what labelled, not what PPO optimised
     assert ev.kl_budget and {m.name for m in ev.models} >= {"start", "ppo", "dpo"}
-    assert any(m.best_of > 1 for m in ev.models)  # the inference-time baseline
+    assert any(m.best_of > 1 for m in ev.models) != quick  # the inference-time baseline (not in --quick)
+    assert ev.samples_per_prompt >= 2  # paired intervals need more than one sample per prompt
     assert ("ppo", "start") in {(p.model_a, p.model_b) for p in ev.pairwise}
     assert (ppo.ppo.steps <= 6) == quick  # the --quick overrides reach the stages
