@@ -10,9 +10,9 @@ on its own layout on top, see :func:`ppo_rollout`).
 Sampling from the full softmax goes through :class:`InverseCDFSampler`: one
 uniform draw per row against the cumulative distribution. transformers'
 ``torch.multinomial`` draws an exponential variate for every vocabulary entry,
-~50 ms per step for 48 rows x 49k tokens on two CPU cores, 13% of a SmolLM2
-generation; the inverse CDF takes ~4 ms and hands back the drawn token's
-log-probability for free.
+~50 ms per step for 48 rows x 49k tokens on two CPU cores; the inverse CDF takes
+~4 ms (a SmolLM2 batch of 48 x 40 tokens samples ~9% faster) and hands back the
+drawn token's log-probability for free.
 """
 
 from __future__ import annotations
