@@ -7,12 +7,12 @@
 Both sides run in child processes of this one, one after the other, on the same
 setting: the built-in SmolLM2-135M-Instruct as policy (full fine-tuning, or LoRA
 r=16 on all linear layers with ``--lora``), a separate value model initialised
-from it and trained in full (TRL's only option), a reward model that is SmolLM2 with a one-output score head (the same
-folder for both, written here), 16 red-team prompts per step, responses of at
-most 40 tokens at temperature 0.7 from the full softmax, 2 PPO epochs over
-minibatches of 8, forward passes of 8 rows, KL coefficient 0.05, fp32, Adam at
-1e-5. A step is one rollout (sampling, policy / reference / value / reward
-forwards) plus its update.
+from it and trained in full (TRL's only option), a reward model that is SmolLM2
+with a one-output score head (the same folder for both, written here), 16
+red-team prompts per step, responses of at most 40 tokens at temperature 0.7
+from the full softmax, 2 PPO epochs over minibatches of 8, forward passes of 8
+rows, KL coefficient 0.05, fp32, Adam at 1e-5. A step is one rollout (sampling,
+policy / reference / value / reward forwards) plus its update.
 
 Per-step time: for TRL the time between its ``on_step_end`` callbacks, for
 alignkit the sum of the step's phases (``time/rollout + time/score +
@@ -24,6 +24,7 @@ set size. Numbers from a noisy machine: run it twice.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -139,7 +140,6 @@ def child(side: str, reward_folder: Path, steps: int, lora: bool, threads: int) 
     from alignkit.models import quiet_transformers
 
     quiet_transformers()
-
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as out:
@@ -176,6 +176,8 @@ def main() -> int:
     if args.side:
         child(args.side, args.reward_folder, args.steps, args.lora, args.threads)
         return 0
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit("ppo_vs_trl: TRL is not installed; pip install -e '.[bench]' (trl==1.12.0)")
 
     from alignkit.models import quiet_transformers
 

@@ -272,6 +272,8 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
         seqs = [prompt_ids[p] for p in jobs[start:start + gen.batch_size]]
         ids = pad(seqs, pad_id, side="left").to(device)
         attn = pad([[1] * len(s) for s in seqs], 0, side="left").to(device)
+        # The sampler's recorded log-probs are not used: they come from the cached, left-padded
+        # generation (~1e-5 off), and the update's ratio must start at exactly 1 on this layout.
         kwargs, _ = sampling_kwargs(gen.temperature)
         out = policy.generate(input_ids=ids, attention_mask=attn, max_new_tokens=gen.max_new_tokens,
                               pad_token_id=pad_id, eos_token_id=eos, **kwargs)

@@ -78,7 +78,7 @@ class ModelSamples:
                          eos_id: int) -> ModelSamples:
         if len(generations) % k:
             raise ValueError(f"{len(generations)} generations is not a multiple of k = {k}")
-        recorded = all(getattr(g, "logprobs", None) is not None for g in generations)
+        recorded = all(g.logprobs is not None for g in generations)
         return cls(name, k, tuple(g.text for g in generations), tuple(g.prompt_ids for g in generations),
                    tuple(g.response_ids for g in generations), tuple(g.finished for g in generations),
                    temperature, eos_id, tuple(g.logprobs for g in generations) if recorded else None)
