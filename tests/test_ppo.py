@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from alignkit import cli
+from alignkit.actor_critic import ActorCritic, token_values
 from alignkit.config import load_config
 from alignkit.errors import ConfigError
 from alignkit.recipes import ppo
 from alignkit.rollout import Rollout, ppo_rollout
-from alignkit.runs import read_metrics, set_seed
+from alignkit.runs import read_metrics
+from alignkit.training import Engine
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "ppo-tiny.yaml"
 # Small and quick: 8 sequences of at most 4 tokens per step.
@@ -63,42 +65,40 @@ def test_first_minibatch_has_ratio_one_and_zero_kl(tmp_path, variant):
     if variant == "separate-value":
         rm = save_tiny_reward_model(tmp_path / "rm" / "final")
         overrides += ["value.mode=separate", f"value.init={tmp_path / 'rm'}"]  # a run folder, like rm:PATH
-    cfg = tiny_config(tmp_path, *overrides)
-    set_seed(0)
-    tok, ac, reference, reward_fn, prompts, prompt_ids = ppo.build(cfg)
-    optimizer = ppo.build_optimizer(ac, cfg)
-    scheduler = ppo.build_scheduler(optimizer, cfg.train)
-    kl_ctl = ppo.kl_controller(cfg)
-    step = lambda s: ppo.ppo_step(s, cfg, tok, ac, reference, reward_fn, prompts, prompt_ids, optimizer,  # noqa: E731
-                                  scheduler, kl_ctl, micro_size=4)
-    first = step(1)
+    cfg = tiny_config(tmp_path, *overrides, "train.grad_accum=1")
+    engine = Engine(seed=0)
+    setup = ppo.build(cfg, engine)
+    ac, tok, prompt_ids = setup.ac, setup.tok, setup.prompt_ids
+    step = lambda s: ppo.ppo_step(s, cfg, setup, engine)  # noqa: E731
+    first, records = step(1)
     # Before any update the policy *is* the reference (dropout off, LoRA's B = 0,
     # or a frozen copy): the KL is exactly 0...
     assert first["kl"] == 0.0
     # ...and the update's first forward reproduces the rollout's log-probs bit for bit.
-    mb = first["_first_micro_batch"]
+    mb = records[0]
     assert mb["ratio_mean"] == 1.0 and mb["ratio_max"] == 1.0
     assert mb["approx_kl"] == 0.0 and mb["clip_fraction"] == 0.0
     # Later minibatches see an updated policy: the ratio moves (the check above can fail).
     assert first["ratio_max"] > 1.0
-    assert step(2)["kl"] != 0.0
+    assert step(2)[0]["kl"] != 0.0
     if variant == "lora":  # the reference is the same module with the adapter off: no base-weight copy
         assert not any(p.requires_grad for n, p in ac.policy.named_parameters() if "lora_" not in n)
     if variant == "separate-value":
         # the critic starts as the reward model: V(prompt) = the RM's score of the prompt alone
-        fresh = ppo.ActorCritic(ac.policy, ppo.load_value_model(cfg, tok))
+        fresh = ActorCritic(ac.policy, ppo.load_value_model(cfg, tok))
         ids = torch.tensor([prompt_ids[0]])
         with torch.no_grad():
-            v = ppo.token_values(fresh.value_model, ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], 1)
+            v = token_values(fresh.value_model, ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], 1)
             assert v.item() == pytest.approx(rm(input_ids=ids).logits.item(), abs=1e-5)
             assert v.item() != 0.0
 
 
 def test_gradient_accumulation_matches_one_big_minibatch(tmp_path):
     cfg = tiny_config(tmp_path, *QUICK, "ppo.ppo_epochs=1", "ppo.minibatch_size=8")
-    set_seed(0)
-    tok, ac, reference, reward_fn, prompts, prompt_ids = ppo.build(cfg)
-    rollout = ppo_rollout(ac, tok, prompt_ids[:8], cfg.generation, reference=reference, forward_batch_size=8)
+    engine = Engine(seed=0)
+    setup = ppo.build(cfg, engine)
+    ac, tok, prompt_ids = setup.ac, setup.tok, setup.prompt_ids
+    rollout = ppo_rollout(ac, tok, prompt_ids[:8], cfg.generation, reference=setup.reference, forward_batch_size=8)
     advantages = torch.randn(rollout.mask.shape) * rollout.mask
     returns = torch.randn(rollout.mask.shape) * rollout.mask
     weights = []
@@ -110,7 +110,7 @@ def test_gradient_accumulation_matches_one_big_minibatch(tmp_path):
         # step, g / |g|, would turn rounding noise on near-zero gradients into +-lr
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         ppo.ppo_update(model, rollout, advantages, returns, opt, ppo.build_scheduler(opt, c.train), c,
-                       torch.Generator().manual_seed(0))
+                       torch.Generator().manual_seed(0), engine)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(weights[0], torch.cat([p.detach().flatten() for p in ac.parameters()]))
     torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=1e-5)

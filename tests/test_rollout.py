@@ -7,7 +7,7 @@ import torch
 from alignkit.config import GenerationConfig, ModelConfig
 from alignkit.data.collate import encode_prompt
 from alignkit.models import load_causal_lm, load_tokenizer
-from alignkit.recipes.ppo import ActorCritic, reference_forward
+from alignkit.actor_critic import ActorCritic, reference_forward
 from alignkit.rollout import InverseCDFSampler, generate, layout, ppo_rollout
 
 PROMPTS = [

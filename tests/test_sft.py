@@ -13,6 +13,7 @@ from alignkit.losses import sft_loss
 from alignkit.models import load_causal_lm
 from alignkit.recipes import sft
 from alignkit.runs import read_metrics
+from alignkit.training import Engine
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DATA = Path(__file__).resolve().parent / "data"
@@ -121,7 +122,7 @@ def test_resume_after_interruption_gives_the_same_curve(tmp_path, monkeypatch):
 
     # Die during step 4: after the step-2 checkpoint and the step-3 log line.
     calls = {"n": 0}
-    real_step = sft.clip_and_step
+    real_step = Engine.step
 
     def dying_step(*a, **kw):
         calls["n"] += 1
@@ -130,9 +131,9 @@ def test_resume_after_interruption_gives_the_same_curve(tmp_path, monkeypatch):
         return real_step(*a, **kw)
 
     broken = tmp_path / "broken"
-    monkeypatch.setattr(sft, "clip_and_step", dying_step)
+    monkeypatch.setattr(Engine, "step", dying_step)
     assert cli.main(args + [f"run.output_dir={broken}"]) == 130
-    monkeypatch.setattr(sft, "clip_and_step", real_step)
+    monkeypatch.setattr(Engine, "step", real_step)
     assert [r["step"] for r in read_metrics(broken / "tiny" / "sft")] == [1, 2, 3]
     assert cli.main(args + [f"run.output_dir={broken}", "--resume"]) == 0
     resumed = read_metrics(broken / "tiny" / "sft")

@@ -61,6 +61,9 @@ class ModelConfig:
                                            "default $ALIGNKIT_CACHE or ~/.cache/alignkit")
     trust_remote_code: bool = False
     seed: int = opt(0, help="seed for tiny random models")
+    attn_implementation: str | None = opt(None, help="transformers' attention kernel: sdpa, eager, "
+                                                     "flash_attention_2 (when installed); null lets "
+                                                     "transformers choose (sdpa where available)")
 
 
 @dataclass
@@ -100,6 +103,10 @@ class TrainConfig:
     eval_every: int = opt(0, ge=0, help="0: only at the end")
     save_every: int = opt(0, ge=0, help="checkpoint every N steps; 0: only at the end")
     keep_checkpoints: int = opt(2, ge=1)
+    mixed_precision: str = opt("no", choices=("no", "bf16", "fp16"),
+                               help="autocast forwards with fp32 master weights; fp16 adds loss scaling")
+    gradient_checkpointing: bool = opt(False, help="recompute activations in the backward pass: less memory, "
+                                                   "about a third more compute")
 
 
 @dataclass

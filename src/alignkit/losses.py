@@ -404,7 +404,7 @@ def simpo_loss(
 
 
 def kto_reference_point(
-    policy_logps_mismatched: torch.Tensor, ref_logps_mismatched: torch.Tensor
+    policy_logps_mismatched: torch.Tensor, ref_logps_mismatched: torch.Tensor, sum_over_processes=None
 ) -> torch.Tensor:
     """KTO's reference point z0 = max(0, mean log(pi / ref)), detached.
 
@@ -412,17 +412,22 @@ def kto_reference_point(
     *mismatched* pairs (each prompt with another example's completion) so it
     does not track the very completions being scored; it is clamped at 0
     because a KL cannot be negative, and no gradient flows through it. Under
-    data parallelism, average the mean across ranks before clamping.
+    data parallelism the mean is over every process's examples, before clamping.
 
     Args:
         policy_logps_mismatched, ref_logps_mismatched: ``(B,)`` summed
             log-probs of the mismatched completions.
+        sum_over_processes: ``(total, count) -> (total, count)`` summed over the
+            processes of a data-parallel run; None in one process.
 
     Returns:
         A scalar tensor.
     """
     log_ratio = policy_logps_mismatched.detach() - ref_logps_mismatched.detach()
-    return log_ratio.mean().clamp(min=0)
+    total, count = log_ratio.sum(), log_ratio.new_tensor(float(log_ratio.numel()))
+    if sum_over_processes is not None:
+        total, count = sum_over_processes(total, count)
+    return (total / count).clamp(min=0)
 
 
 def kto_loss(

@@ -206,10 +206,10 @@ def load_causal_lm(cfg: ModelConfig, *, trainable: bool = True, rl: bool = False
     dtype = _dtype(cfg.dtype)
     if cfg.name.startswith("tiny:"):
         tok = tokenizer or load_tokenizer(cfg.name, cfg.cache_dir)
-        model = _tiny_llama(cfg.name, tok, cfg.seed, AutoModelForCausalLM).to(dtype)
+        model = _tiny_llama(cfg.name, tok, cfg.seed, AutoModelForCausalLM, **_attention(cfg)).to(dtype)
     else:
         model = _from_pretrained(AutoModelForCausalLM, resolve(cfg.name, cfg.cache_dir), cfg.name,
-                                 dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+                                 dtype=dtype, trust_remote_code=cfg.trust_remote_code, **_attention(cfg))
         tok = tokenizer or load_tokenizer(cfg.name, cfg.cache_dir)
     _sync_special_tokens(model, tok)
     if rl:
@@ -234,10 +234,11 @@ def load_sequence_scorer(cfg: ModelConfig, *, trainable: bool = True, rl: bool =
     dtype = _dtype(cfg.dtype)
     if cfg.name.startswith("tiny:"):
         tok = tokenizer or load_tokenizer(cfg.name, cfg.cache_dir, padding_side="right")
-        model = _tiny_llama(cfg.name, tok, cfg.seed, AutoModelForSequenceClassification, num_labels=1).to(dtype)
+        model = _tiny_llama(cfg.name, tok, cfg.seed, AutoModelForSequenceClassification, num_labels=1,
+                            **_attention(cfg)).to(dtype)
     else:
         model = _from_pretrained(AutoModelForSequenceClassification, resolve(cfg.name, cfg.cache_dir), cfg.name,
-                                 num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+                                 num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **_attention(cfg))
         tok = tokenizer or load_tokenizer(cfg.name, cfg.cache_dir, padding_side="right")
     _sync_special_tokens(model, tok)
     if rl:
@@ -250,7 +251,11 @@ def load_sequence_scorer(cfg: ModelConfig, *, trainable: bool = True, rl: bool =
     return model
 
 
-def _tiny_llama(name: str, tok, seed: int, auto_cls, **kw):
+def _attention(cfg: ModelConfig) -> dict:
+    return {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+
+
+def _tiny_llama(name: str, tok, seed: int, auto_cls, attn_implementation: str | None = None, **kw):
     from transformers import LlamaConfig
 
     m = _TINY_RE.match(name)
@@ -264,8 +269,9 @@ def _tiny_llama(name: str, tok, seed: int, auto_cls, **kw):
                          head_dim=16, max_position_embeddings=1024, tie_word_embeddings=True,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **kw)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _seeded(seed):
-        return auto_cls.from_config(config)
+        return auto_cls.from_config(config, **extra)
 
 
 @contextlib.contextmanager
@@ -284,6 +290,11 @@ def _from_pretrained(cls, path: str, name: str, **kw):
         return cls.from_pretrained(path, local_files_only=local or _offline(), **kw)
     except OSError as e:
         raise AlignkitError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+    except (ImportError, ValueError) as e:
+        if "attn_implementation" not in kw:
+            raise
+        raise AlignkitError(f"model.attn_implementation={kw['attn_implementation']!r} for '{name}': "
+                            f"{str(e).splitlines()[0]}") from None
 
 
 def _offline() -> bool:
@@ -347,14 +358,19 @@ def frozen_copy(model):
     return ref
 
 
-def save_model(model, tokenizer, out_dir: str | Path, extra: dict | None = None) -> Path:
+def save_model(model, tokenizer, out_dir: str | Path, extra: dict | None = None,
+               state_dict: dict | None = None) -> Path:
     """Save merged weights that load in plain transformers, and the LoRA adapter if any.
 
     ``out_dir`` gets ``config.json`` + ``model.safetensors`` + tokenizer; with LoRA,
-    ``out_dir/adapter`` also holds the peft adapter alone.
+    ``out_dir/adapter`` also holds the peft adapter alone. ``state_dict`` is the
+    full state gathered from a sharded model (FSDP, ZeRO-3), whose own tensors are
+    shards: it is loaded into a fresh copy built from the model's config.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        model = _rebuilt(model, state_dict)
     to_save = model
     if is_peft(model):
         model.save_pretrained(out / "adapter")
@@ -364,6 +380,24 @@ def save_model(model, tokenizer, out_dir: str | Path, extra: dict | None = None)
     if extra:
         (out / "alignkit.json").write_text(json.dumps(extra, indent=2))
     return out
+
+
+def _rebuilt(model, state_dict: dict):
+    """An unsharded copy of ``model`` (same config, LoRA included) holding ``state_dict``, on the CPU."""
+    base = model.get_base_model() if is_peft(model) else model
+    with torch.device("cpu"):
+        fresh = type(base)(base.config)
+    if is_peft(model):
+        from peft import get_peft_model
+
+        fresh = get_peft_model(fresh, model.peft_config[model.active_adapter])
+    missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise AlignkitError(f"the gathered weights do not match the model ({len(missing)} missing, "
+                            f"{len(unexpected)} unexpected)")
+    if hasattr(fresh, "tie_weights"):
+        fresh.tie_weights()
+    return fresh.eval()
 
 
 def count_storage(model: nn.Module) -> int:

@@ -13,14 +13,22 @@ uniform draw per row against the cumulative distribution. transformers'
 ~50 ms per step for 48 rows x 49k tokens on two CPU cores; the inverse CDF takes
 ~4 ms (a SmolLM2 batch of 48 x 40 tokens samples ~9% faster) and hands back the
 drawn token's log-probability for free.
+
+Each sampled row draws its uniforms from its own stream, seeded by the call's seed
+and the row's identity (prompt index, sample index): what a prompt's k-th sample
+is depends on the seed alone, not on the batch it was sampled in, the batch size,
+or how many processes split the prompts. So N processes sampling their shares of
+the prompts produce exactly what one process does, and a resumed run samples what
+the uninterrupted one did without restoring any device's RNG.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from alignkit.config import GenerationConfig
 from alignkit.data.collate import encode_prompt, pad
@@ -59,20 +67,33 @@ class InverseCDFSampler(LogitsProcessor):
     scores that are -inf everywhere except at the drawn token, so the argmax
     is the sample. One uniform u per row picks the first token whose cumulative
     probability exceeds u times the total (``right=True``: a token of
-    probability 0 is never drawn). Randomness comes from the global torch
-    generator of the scores' device, so ``torch.manual_seed`` repeats a run.
-    ``logprobs()`` is ``(B, steps)``: column t is the log-prob of token t.
+    probability 0 is never drawn). ``uniforms`` ``(B, steps)`` gives row i's
+    draw at step t (:func:`row_uniforms`); without it they come from the global
+    torch generator of the scores' device. ``top_k`` / ``top_p`` truncate the
+    tempered distribution first (transformers' warpers). ``logprobs()`` is
+    ``(B, steps)``: column t is the log-prob of token t under the distribution
+    it was drawn from.
     """
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, uniforms: torch.Tensor | None = None, top_k: int = 0,
+                 top_p: float = 1.0):
         self.temperature = temperature
+        self.uniforms = uniforms
+        self.warpers = ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
         self._steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        scaled = scores.float() / self.temperature
+        for warp in self.warpers:
+            scaled = warp(input_ids, scaled)
+        logp = torch.log_softmax(scaled, dim=-1)
         cdf = logp.exp().cumsum(dim=-1)
-        u = torch.rand(scores.shape[0], 1, device=scores.device) * cdf[:, -1:]
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
+        if self.uniforms is not None:
+            t = len(self._steps)
+            u = self.uniforms[:, t:t + 1].to(cdf.device)
+        else:
+            u = torch.rand(scores.shape[0], 1, device=scores.device)
+        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.shape[-1] - 1)
         self._steps.append(logp.gather(-1, token))
         return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
 
@@ -80,66 +101,102 @@ class InverseCDFSampler(LogitsProcessor):
         return torch.cat(self._steps, dim=-1).cpu() if self._steps else torch.zeros(0, 0)
 
 
-def sampling_kwargs(temperature: float) -> tuple[dict, InverseCDFSampler]:
-    """``generate`` keyword arguments that sample from the full ``softmax(logits / temperature)``
-    through a fresh :class:`InverseCDFSampler` (returned, to read the log-probs afterwards).
+def row_uniforms(seed: int, keys: list[tuple[int, ...]], steps: int) -> torch.Tensor:
+    """``(len(keys), steps)`` uniforms in [0, 1); row i from a stream seeded by ``(seed, *keys[i])``.
 
-    Every setting that would reshape the distribution is pinned off: transformers
-    fills unset ones from the model's generation_config and its global defaults.
+    >>> a = row_uniforms(3, [(0, 0), (0, 1)], 4)
+    >>> torch.equal(a[1], row_uniforms(3, [(0, 1)], 4)[0])   # a row's draws do not depend on its batch
+    True
     """
-    sampler = InverseCDFSampler(temperature)
+    rows = [np.random.default_rng([seed % 2**63, *keys_i]).random(steps, dtype=np.float32) for keys_i in keys]
+    return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, steps)
+
+
+def draw_seed() -> int:
+    """A base seed from the global torch generator (so ``torch.manual_seed`` repeats a run)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def sampling_kwargs(temperature: float, uniforms: torch.Tensor | None = None, top_k: int = 0,
+                    top_p: float = 1.0) -> tuple[dict, InverseCDFSampler]:
+    """``generate`` keyword arguments that sample from ``softmax(logits / temperature)`` (truncated to
+    ``top_k`` / ``top_p`` when set) through a fresh :class:`InverseCDFSampler` (returned, to read the
+    log-probs afterwards).
+
+    Every other setting that would reshape the distribution is pinned off:
+    transformers fills unset ones from the model's generation_config and its
+    global defaults.
+    """
+    sampler = InverseCDFSampler(temperature, uniforms, top_k, top_p)
     kwargs = {**_NEUTRAL_SAMPLING, "do_sample": False, "temperature": None, "top_k": None, "top_p": None,
               "logits_processor": LogitsProcessorList([sampler])}
     return kwargs, sampler
 
 
+def _sample(model, tokenizer, seqs: list[list[int]], keys: list[tuple[int, ...]], gen: GenerationConfig,
+            seed: int, synced: bool = False) -> tuple[list[list[int]], list | None]:
+    """One batch: ``(responses cut after EOS, per-token log-probs or None)`` for left-padded ``seqs``."""
+    device = next(model.parameters()).device
+    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = pad(seqs, pad_id, side="left").to(device)
+    attn = pad([[1] * len(s) for s in seqs], 0, side="left").to(device)
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
+    if synced:
+        kwargs["synced_gpus"] = True
+    sampler = None
+    if gen.do_sample:
+        extra, sampler = sampling_kwargs(gen.temperature, row_uniforms(seed, keys, gen.max_new_tokens),
+                                         gen.top_k, gen.top_p)
+        kwargs.update(extra)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+    responses = [trim_response(row, eos, pad_id) for row in out[:, ids.shape[1]:].tolist()]
+    # Log-probs of the full softmax only: under truncation they belong to another distribution.
+    full = gen.do_sample and gen.top_k == 0 and gen.top_p >= 1
+    logprobs = sampler.logprobs().tolist() if full else None
+    return responses, logprobs
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[Messages], gen: GenerationConfig, n: int = 1,
              seed: int | None = None, prompt_ids: list[list[int]] | None = None,
-             progress_cb=None) -> list[Generation]:
-    """Sample ``n`` responses per prompt; returns prompt-major order (p0s0, p0s1, ...)."""
-    if seed is not None:
-        torch.manual_seed(seed)
+             progress_cb=None, engine=None) -> list[Generation]:
+    """Sample ``n`` responses per prompt; returns prompt-major order (p0s0, p0s1, ...).
+
+    ``seed`` fixes every draw (see the module docstring); None takes one from the
+    global torch generator. With an ``engine`` of several processes each samples
+    its share of the prompts and every process gets all results, in order: the
+    same list as one process gives.
+    """
+    from alignkit.training import SingleProcess
+
+    engine = engine or SingleProcess()
+    seed = draw_seed() if seed is None else seed
     encoded = prompt_ids if prompt_ids is not None else [encode_prompt(tokenizer, p) for p in prompts]
-    jobs = [(i, s) for i in range(len(encoded)) for s in range(n)]
+    mine = engine.shard(list(range(len(encoded))))
+    jobs = [(i, s) for i in mine for s in range(n)]
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    out: list[Generation] = []
     # Sort by prompt length so each batch carries little padding; restore order after.
     order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][0]]))
     results: dict[int, Generation] = {}
-    for start in range(0, len(order), gen.batch_size):
-        chunk = order[start:start + gen.batch_size]
-        seqs = [encoded[jobs[j][0]] for j in chunk]
-        ids = pad(seqs, pad_id, side="left").to(device)
-        attn = pad([[1] * len(s) for s in seqs], 0, side="left").to(device)
-        kwargs = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
-        sampler = None
-        if gen.do_sample and gen.top_p >= 1.0 and gen.top_k == 0:
-            extra, sampler = sampling_kwargs(gen.temperature)
-            kwargs.update(extra)
-        elif gen.do_sample:
-            # top_k=0 must be passed as 0: None lets transformers fall back to top_k=50.
-            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        seq = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
-        new = seq[:, ids.shape[1]:].tolist()
-        logprobs = sampler.logprobs().tolist() if sampler else None
-        for row_index, (j, row) in enumerate(zip(chunk, new)):
-            p, s = jobs[j]
-            resp = trim_response(row, eos, pad_id)
-            finished = bool(resp) and resp[-1] == eos
-            text = tokenizer.decode(resp, skip_special_tokens=True).strip()
-            lp = tuple(logprobs[row_index][:len(resp)]) if logprobs is not None else None
-            results[j] = Generation(p, s, tuple(encoded[p]), tuple(resp), text, finished, lp)
-        if progress_cb:
-            progress_cb(len(chunk))
-    out = [results[j] for j in range(len(jobs))]
+    eos = tokenizer.eos_token_id
+    with engine.for_generation(model) as sampler_model:
+        for start in range(0, len(order), gen.batch_size):
+            chunk = order[start:start + gen.batch_size]
+            responses, logprobs = _sample(sampler_model, tokenizer, [encoded[jobs[j][0]] for j in chunk],
+                                          [jobs[j] for j in chunk], gen, seed, engine.synced_generation)
+            for row, (j, resp) in enumerate(zip(chunk, responses)):
+                p, s = jobs[j]
+                finished = bool(resp) and resp[-1] == eos
+                text = tokenizer.decode(resp, skip_special_tokens=True).strip()
+                lp = tuple(logprobs[row][:len(resp)]) if logprobs is not None else None
+                results[j] = Generation(p, s, tuple(encoded[p]), tuple(resp), text, finished, lp)
+            if progress_cb:
+                progress_cb(len(chunk) * engine.num_processes)
     model.train(was_training)
-    return out
+    return engine.gather([results[j] for j in range(len(jobs))])
 
 
 def trim_response(tokens: list[int], eos: int, pad_id: int) -> list[int]:
@@ -241,13 +298,15 @@ def forward_responses(actor_critic, query_responses, attention_mask, position_id
 
 @torch.no_grad()
 def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig, *,
-                reference, n: int = 1, forward_batch_size: int = 8) -> Rollout:
+                reference, n: int = 1, forward_batch_size: int = 8, seed: int | None = None,
+                engine=None) -> Rollout:
     """Sample ``n`` responses per prompt and score every sampled token for PPO.
 
     Args:
-        actor_critic: a module with ``.policy`` (the causal LM that samples) and
+        actor_critic: an :class:`~alignkit.actor_critic.ActorCritic` (prepared by the
+            engine or not): ``.policy`` samples, and
             ``actor_critic(ids, attention, positions, logits_to_keep) -> (logits, values)``.
-        prompt_ids: token ids of the rendered prompts.
+        prompt_ids: token ids of the rendered prompts (all processes' prompts).
         gen: sampling settings; only ``temperature``, ``max_new_tokens`` and
             ``batch_size`` are used: sampling is always from the full softmax.
         reference: ``reference(ids, attention, positions, logits_to_keep) -> (logits, None)``,
@@ -255,42 +314,52 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
         n: samples per prompt.
         forward_batch_size: rows per scoring forward pass; use the update's
             micro-batch size so that both run the same batch shape.
-
-    Sampling uses the global torch RNG (seed it, or restore its state, to repeat a run).
+        seed: fixes every draw (row i's stream is seeded by the seed and its
+            prompt and sample index); None draws one from the global torch generator.
+        engine: with several processes each samples and scores its contiguous
+            share of the prompts, and every process gets the whole rollout, laid
+            out exactly as one process would lay it out.
     """
+    from alignkit.training import SingleProcess
+
+    engine = engine or SingleProcess()
+    seed = draw_seed() if seed is None else seed
     was_training = actor_critic.training
     actor_critic.eval()
-    policy = actor_critic.policy
-    device = next(policy.parameters()).device
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    jobs = [p for p in range(len(prompt_ids)) for _ in range(n)]
+    jobs = [(p, s) for p in range(len(prompt_ids)) for s in range(n)]
+    mine = [j for j, (p, _) in enumerate(jobs) if p in set(engine.shard(list(range(len(prompt_ids)))))]
 
-    # 1. sample: left padding + KV cache, prompt order kept (the RNG stream then
-    #    depends only on the prompts and the seed)
+    # 1. sample this process's share: left padding + KV cache, in prompt order
+    # The sampler's recorded log-probs are not used: they come from the cached, left-padded
+    # generation (~1e-5 off), and the update's ratio must start at exactly 1 on this layout.
     responses: list[list[int]] = []
-    for start in range(0, len(jobs), gen.batch_size):
-        seqs = [prompt_ids[p] for p in jobs[start:start + gen.batch_size]]
-        ids = pad(seqs, pad_id, side="left").to(device)
-        attn = pad([[1] * len(s) for s in seqs], 0, side="left").to(device)
-        # The sampler's recorded log-probs are not used: they come from the cached, left-padded
-        # generation (~1e-5 off), and the update's ratio must start at exactly 1 on this layout.
-        kwargs, _ = sampling_kwargs(gen.temperature)
-        out = policy.generate(input_ids=ids, attention_mask=attn, max_new_tokens=gen.max_new_tokens,
-                              pad_token_id=pad_id, eos_token_id=eos, **kwargs)
-        responses += [trim_response(row, eos, pad_id) for row in out[:, ids.shape[1]:].tolist()]
+    gen = GenerationConfig(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, batch_size=gen.batch_size)
+    with engine.for_generation(actor_critic) as inner:
+        for start in range(0, len(mine), gen.batch_size):
+            chunk = [jobs[j] for j in mine[start:start + gen.batch_size]]
+            out, _ = _sample(inner.policy, tokenizer, [prompt_ids[p] for p, _ in chunk], chunk, gen, seed,
+                             engine.synced_generation)
+            responses += out
+    responses = engine.gather(responses)
 
-    # 2. one layout for everything that follows (rollout scoring and update)
-    ids, attn, pos, resp, mask, P = layout([prompt_ids[p] for p in jobs], responses, pad_id)
+    # 2. one layout for everything that follows (rollout scoring and update), the same on every process
+    ids, attn, pos, resp, mask, P = layout([prompt_ids[p] for p, _ in jobs], responses, pad_id)
 
-    # 3. score the sampled tokens: policy log-probs and values in one forward,
+    # 3. score this process's rows: policy log-probs and values in one forward,
     #    reference log-probs on the same rows with the same shapes
-    logprobs, ref_logprobs, values = (torch.zeros(resp.shape) for _ in range(3))
-    for start in range(0, len(jobs), forward_batch_size):
-        rows = slice(start, start + forward_batch_size)
-        batch = (ids[rows].to(device), attn[rows].to(device), pos[rows].to(device), resp[rows].to(device))
-        lp, v, _ = forward_responses(actor_critic, *batch, gen.temperature)
+    scorer = engine.unwrap(actor_critic)
+    device = next(scorer.parameters()).device
+    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for start in range(0, len(mine), forward_batch_size):
+        sel = torch.tensor(mine[start:start + forward_batch_size])
+        batch = (ids[sel].to(device), attn[sel].to(device), pos[sel].to(device), resp[sel].to(device))
+        lp, v, _ = forward_responses(scorer, *batch, gen.temperature)
         ref_lp, _, _ = forward_responses(reference, *batch, gen.temperature)
-        logprobs[rows], ref_logprobs[rows], values[rows] = lp.cpu(), ref_lp.cpu(), v.cpu()
+        rows += list(zip(lp.float().cpu(), ref_lp.float().cpu(), v.cpu()))
+    rows = engine.gather(rows)
+    logprobs, ref_logprobs, values = (torch.stack([r[k] for r in rows]) if rows else torch.zeros(resp.shape)
+                                      for k in range(3))
     zero = torch.zeros(())
     logprobs, ref_logprobs, values = (torch.where(mask, x, zero) for x in (logprobs, ref_logprobs, values))
 
@@ -298,4 +367,4 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     texts = tuple(tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses)
     actor_critic.train(was_training)
     return Rollout(ids, attn, pos, P, resp, mask, logprobs, ref_logprobs, values, finished,
-                   torch.tensor(jobs, dtype=torch.long), texts, gen.temperature)
+                   torch.tensor([p for p, _ in jobs], dtype=torch.long), texts, gen.temperature)

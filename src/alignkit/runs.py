@@ -5,7 +5,7 @@ Each stage writes to ``runs/NAME/STAGE/``::
     config.yaml          the resolved config
     metrics.jsonl        one JSON line per logged step
     tb/                  TensorBoard events (the same scalars)
-    checkpoints/step-N/  state to resume from (written atomically)
+    checkpoints/step-N/  state to resume from (written atomically; see alignkit.training)
     final/               the stage's output (model, dataset, report)
     DONE                 written last; a pipeline skips stages that have it
 """
@@ -17,8 +17,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,6 @@ import numpy as np
 import torch
 
 from alignkit.config import dump_config, to_dict
-from alignkit.errors import AlignkitError
 
 
 class RunDir:
@@ -103,7 +100,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-# --------------------------------------------------------------------------- seeds and RNG
+# --------------------------------------------------------------------------- seeds
 
 
 def set_seed(seed: int) -> None:
@@ -112,63 +109,37 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+# --------------------------------------------------------------------------- run folders
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.random.set_rng_state(state["torch"])
+def run_dir_at(path: str | Path) -> RunDir:
+    """A RunDir whose folder is exactly ``path`` (for recipes that nest SFT in their own run)."""
+    p = Path(path)
+    return RunDir(str(p.parent), p.name, "")
 
 
-# --------------------------------------------------------------------------- checkpoints
+def clear_run(run: RunDir) -> None:
+    """A fresh start in a used folder: drop its checkpoints and DONE, so a later
+    ``--resume`` cannot pick up a checkpoint of the earlier run."""
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    (run.path / "DONE").unlink(missing_ok=True)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-
-
-def save_checkpoint(run: RunDir, step: int, state: dict, keep: int = 2) -> Path:
-    """Write ``state`` (tensors, optimizer dicts, plain data) atomically as step-N.
-
-    The folder is written under a temporary name and renamed, so a kill mid-write
-    leaves the previous checkpoint as the latest one.
-    """
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    final = run.checkpoints / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=run.checkpoints, prefix=".tmp-"))
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(run.checkpoints.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run: RunDir) -> Path | None:
-    if not run.checkpoints.exists():
-        return None
-    found = sorted(p for p in run.checkpoints.glob("step-*") if (p / "meta.json").exists())
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path) -> dict:
+def done_step(run: RunDir) -> int | None:
+    """The step count a finished run recorded in DONE (None when unfinished)."""
     try:
-        return torch.load(path / "state.pt", weights_only=False)
-    except (OSError, RuntimeError) as e:
-        raise AlignkitError(f"{path}: cannot read checkpoint ({e})") from None
+        return json.loads((run.path / "DONE").read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
-def progress(total: int, description: str):
+def progress(total: int, description: str, disable: bool = False):
     """A rich progress bar (transient off so the last state stays on screen)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
-                   disable=os.environ.get("ALIGNKIT_NO_PROGRESS") == "1")
+                   disable=disable or os.environ.get("ALIGNKIT_NO_PROGRESS") == "1")
     task = bar.add_task(description, total=total, info="")
     return bar, task
 

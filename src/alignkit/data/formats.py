@@ -40,6 +40,14 @@ ROLES = ("system", "user", "assistant")
 AGGREGATION_RULES = ("per_labeler", "mean_rank")
 
 
+def prompt_text(messages: Messages) -> str:
+    """The last user turn of a prompt (what classifiers and judges read)."""
+    for m in reversed(messages):
+        if m["role"] == "user":
+            return m["content"]
+    return messages[-1]["content"]
+
+
 @dataclass(frozen=True)
 class SFTExample:
     prompt: Messages

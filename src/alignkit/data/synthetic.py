@@ -28,8 +28,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
-__all__ = ["kto_records", "polite_vs_rude_pairs", "ranking_records"]
+from alignkit.data.io import Record
+from alignkit.errors import AlignkitError
+
+__all__ = ["kto_records", "polite_vs_rude_pairs", "ranking_records", "synthetic_records"]
 
 
 @dataclass(frozen=True)
@@ -496,3 +500,29 @@ def ranking_records(n: int, k: int = 4, seed: int = 0) -> list[dict]:
             "rankings": [{"labeler": "synthetic", "ranks": [level + 1 for level in order]}],
         })
     return records
+
+
+def synthetic_records(spec: str, as_sft: bool = False) -> list[Record]:
+    """Records generated in code: ``synthetic:polite_vs_rude`` or ``synthetic:rankings``.
+
+    Options go in a query string (``?n=2000&seed=0``, ``&k=4`` for rankings). With
+    ``as_sft`` a pair becomes the demonstration ``{prompt, completion: chosen}``.
+    """
+    name, _, query = spec.removeprefix("synthetic:").partition("?")
+    options = dict(parse_qsl(query))
+    try:
+        n, seed, k = int(options.pop("n", 2000)), int(options.pop("seed", 0)), int(options.pop("k", 4))
+    except ValueError:
+        raise AlignkitError(f"{spec}: n, seed and k must be whole numbers") from None
+    if options:
+        raise AlignkitError(f"{spec}: unknown option(s) {', '.join(options)}; known: n, seed, k")
+    if name == "polite_vs_rude":
+        rows = polite_vs_rude_pairs(n, seed)
+        if as_sft:
+            rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    elif name == "rankings" and not as_sft:
+        rows = ranking_records(n, k, seed)
+    else:
+        known = "synthetic:polite_vs_rude" + ("" if as_sft else ", synthetic:rankings")
+        raise AlignkitError(f"unknown synthetic data set '{spec}'; known: {known}")
+    return [Record(f"synthetic:{name}", f"item {i}", row) for i, row in enumerate(rows)]

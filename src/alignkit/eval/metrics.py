@@ -115,8 +115,8 @@ class ToxicityScorer:
     error: a failed score must never be read as "not toxic".
     """
 
-    def __init__(self, spec, invert: bool = True):
-        self.fn: RewardFn = build_reward(spec)
+    def __init__(self, spec, invert: bool = True, device=None):
+        self.fn: RewardFn = build_reward(spec, **({"device": device} if device is not None else {}))
         self.invert = invert
         self.name = getattr(self.fn, "name", str(spec))
 
@@ -170,7 +170,8 @@ def _recorded_logprobs(samples: ModelSamples, rows: range, mask: torch.Tensor) -
 
 
 @torch.inference_mode()
-def response_kl(model, reference, samples: ModelSamples, pad_id: int, batch_size: int = 16) -> np.ndarray:
+def response_kl(model, reference, samples: ModelSamples, pad_id: int, batch_size: int = 16,
+                engine=None) -> np.ndarray:
     """Per-sample KL estimate ``sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]``, shape ``(N,)``.
 
     The samples were drawn from the model pi, so the mean over samples is an
@@ -180,20 +181,25 @@ def response_kl(model, reference, samples: ModelSamples, pad_id: int, batch_size
     (top-p / top-k truncation is not modelled). Model and reference must share
     the tokenizer: the same ids are read under both. When the sampler recorded
     the samples' log-probs (``samples.logprobs``) the model is not run again.
+    With an ``engine`` each process scores its share of the samples; all get every value.
     """
+    from alignkit.training import SingleProcess
+
+    engine = engine or SingleProcess()
     model.eval()
     reference.eval()
-    out = []
-    for start in range(0, len(samples.texts), batch_size):
-        rows = range(start, min(start + batch_size, len(samples.texts)))
+    out: list[float] = []
+    for batch, weight in engine.eval_batches(list(range(len(samples.texts))), batch_size):
+        rows = range(batch[0], batch[-1] + 1)
         input_ids, attention, labels, mask = _response_batch(samples, rows, pad_id)
         if samples.logprobs is not None:
             logprobs = _recorded_logprobs(samples, rows, mask)
         else:
             logprobs = _response_token_logprobs(model, input_ids, attention, labels, samples.temperature)
         ref_logprobs = _response_token_logprobs(reference, input_ids, attention, labels, samples.temperature)
-        out.append(sequence_logprobs(kl_k1(logprobs, ref_logprobs), mask))
-    return torch.cat(out).double().numpy()
+        if weight:
+            out += sequence_logprobs(kl_k1(logprobs, ref_logprobs), mask).tolist()
+    return np.asarray(engine.gather(out), dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -329,7 +335,7 @@ class LLMJudge:
         return stats_.summary("comparisons") if stats_ is not None else ""
 
 
-def build_pairwise_judge(spec: str, options: dict | None = None) -> SwappedJudge | LLMJudge:
+def build_pairwise_judge(spec: str, options: dict | None = None, device=None) -> SwappedJudge | LLMJudge:
     """A judge from a spec: ``python:module:function`` (see :class:`SwappedJudge`) or
     ``judge:TEMPLATE`` (an :mod:`alignkit.judges` pairwise template such as
     ``judge:pairwise``; ``options`` are :class:`alignkit.judges.JudgeConfig` fields:
@@ -349,7 +355,7 @@ def build_pairwise_judge(spec: str, options: dict | None = None) -> SwappedJudge
         from alignkit.judges import JudgeConfig, PairwiseJudge as LLMPairwiseJudge, build_judge
 
         cfg = build(JudgeConfig, {**(options or {}), **({"template": arg} if arg else {})}, "eval: judge_options")
-        judge = build_judge(cfg)
+        judge = build_judge(cfg, device=device)
         if not isinstance(judge, LLMPairwiseJudge):
             raise AlignkitError(f"judge '{spec}': template '{cfg.template}' scores one response; "
                                 f"a comparison needs a pairwise template (judge:pairwise)")

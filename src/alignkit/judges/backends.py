@@ -52,12 +52,14 @@ def model_fingerprint(cfg: ModelConfig) -> str:
 class LocalBackend:
     """A causal LM loaded by alignkit (hub id, folder, builtin:..., tiny:...), run in-process."""
 
-    def __init__(self, cfg: ModelConfig | None = None, *, model=None, tokenizer=None, batch_size: int = 8):
+    def __init__(self, cfg: ModelConfig | None = None, *, model=None, tokenizer=None, batch_size: int = 8,
+                 device=None):
         if cfg is None and model is None:
             raise ValueError("LocalBackend needs a ModelConfig or a loaded model + tokenizer")
         self.cfg = cfg or ModelConfig(name=getattr(model, "name_or_path", "in-memory"))
         self._model, self._tok = model, tokenizer
         self.batch_size = batch_size
+        self.device = device  # where a model loaded here goes (a given model stays where it is)
         self.calls = 0
         self.id = f"local:{self.cfg.name}:{model_fingerprint(self.cfg)}"
         if cfg is None:  # weights of unknown origin: never share cached verdicts with another process
@@ -69,6 +71,8 @@ class LocalBackend:
 
             self._tok = load_tokenizer(self.cfg.name, self.cfg.cache_dir)
             self._model = load_causal_lm(self.cfg, trainable=False, tokenizer=self._tok)
+            if self.device is not None:
+                self._model.to(self.device)
         return self._model, self._tok
 
     def complete(self, conversations: list[Messages], gen: GenerationConfig, seed: int = 0) -> list[str]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from alignkit.config import GenerationConfig, ModelConfig, opt
+from alignkit.data.formats import prompt_text
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.judges.backends import EndpointBackend, LocalBackend
 from alignkit.judges.cache import VerdictCache, cache_key
@@ -158,8 +159,6 @@ class ScalarJudge(_Judge):
     def judge(self, prompts: list[Messages], responses: list[str]) -> list[ScalarVerdict]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-        from alignkit.rewards import prompt_text
-
         inputs = [{"prompt": prompt_text(p), "response": r} for p, r in zip(prompts, responses)]
         convs = [self.template.render(**inp) for inp in inputs]
         answers = self._ask(convs, inputs, "generate")
@@ -198,8 +197,6 @@ class PairwiseJudge(_Judge):
         n = len(prompts)
         if not len(responses_a) == len(responses_b) == n:
             raise ValueError("compare needs as many responses_a and responses_b as prompts")
-        from alignkit.rewards import prompt_text
-
         guide = guidelines if isinstance(guidelines, list) else [guidelines or self.cfg.guidelines] * n
         guide = [g or self.template.guidelines for g in guide]
         inputs = []
@@ -248,16 +245,19 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def build_backend(cfg: JudgeConfig, model=None, tokenizer=None):
+def build_backend(cfg: JudgeConfig, model=None, tokenizer=None, device=None):
     if cfg.backend == "openai":
         return EndpointBackend(cfg.base_url, cfg.model.name, cfg.api_key_env, cfg.timeout, cfg.concurrency)
     if model is not None:
         return LocalBackend(cfg.model, model=model, tokenizer=tokenizer, batch_size=cfg.generation.batch_size)
-    return LocalBackend(cfg.model, batch_size=cfg.generation.batch_size)
+    return LocalBackend(cfg.model, batch_size=cfg.generation.batch_size, device=device)
 
 
-def build_judge(cfg: JudgeConfig, backend=None, model=None, tokenizer=None) -> ScalarJudge | PairwiseJudge:
-    """The judge a config describes; ``backend`` or a loaded ``model`` replace loading one."""
+def build_judge(cfg: JudgeConfig, backend=None, model=None, tokenizer=None, device=None) -> ScalarJudge | PairwiseJudge:
+    """The judge a config describes; ``backend`` or a loaded ``model`` replace loading one.
+
+    ``device``: where a local judge model goes when it loads (the stage's engine device).
+    """
     template = load_template(cfg.template)
     fb = str(cfg.fallback).strip().lower()
     if template.kind == "scalar" and fb not in ("midpoint", "min", "max", "error"):
@@ -269,7 +269,7 @@ def build_judge(cfg: JudgeConfig, backend=None, model=None, tokenizer=None) -> S
         raise ConfigError(f"a pairwise judge's fallback is a tie (midpoint) or error; got {cfg.fallback!r}")
     if cfg.mode == "logprob" and template.kind != "pairwise":
         raise ConfigError(f"judge mode logprob reads the options of a pairwise template; '{cfg.template}' is {template.kind}")
-    backend = backend or build_backend(cfg, model, tokenizer)
+    backend = backend or build_backend(cfg, model, tokenizer, device)
     cache = None
     if cfg.cache:
         from alignkit.models import cache_root

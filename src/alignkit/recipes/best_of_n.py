@@ -48,7 +48,8 @@ from alignkit.errors import AlignkitError, ConfigError
 from alignkit.models import is_peft, load_causal_lm, load_tokenizer
 from alignkit.rewards import build_reward
 from alignkit.rollout import generate
-from alignkit.runs import MetricsLogger, RunDir, set_seed
+from alignkit.runs import RunDir
+from alignkit.training import Engine
 
 STAGE = "best-of-n"
 
@@ -101,13 +102,23 @@ class Samples:
     scores: np.ndarray  # (P, N)
 
 
-def sample_and_score(model, tok, prompts: list[PromptExample], cfg: Config, reward_fn, seed: int) -> Samples:
-    """Phases 1 and 2: n samples per prompt from the model, one reward score each."""
+def sample_and_score(model, tok, prompts: list[PromptExample], cfg: Config, reward_fn, seed: int,
+                     engine=None) -> Samples:
+    """Phases 1 and 2: n samples per prompt from the model, one reward score each.
+
+    With an engine, each process samples and scores its share of the prompts; all get everything.
+    """
+    from alignkit.training import SingleProcess
+
+    engine = engine or SingleProcess()
     n = cfg.sampling.n
-    gens = generate(model, tok, [p.prompt for p in prompts], cfg.generation, n=n, seed=seed)
+    gens = generate(model, tok, [p.prompt for p in prompts], cfg.generation, n=n, seed=seed, engine=engine)
     texts = [[g.text for g in gens[i * n:(i + 1) * n]] for i in range(len(prompts))]
     flat_prompts = [p.prompt for p in prompts for _ in range(n)]
-    scores = np.asarray(reward_fn(flat_prompts, [t for row in texts for t in row]), dtype=np.float64)
+    flat_texts = [t for row in texts for t in row]
+    with engine.together():
+        mine = np.asarray(reward_fn(engine.shard(flat_prompts), engine.shard(flat_texts)), dtype=np.float64)
+    scores = np.asarray(engine.gather(mine.tolist()), dtype=np.float64)
     finished = np.array([g.finished for g in gens]).reshape(len(prompts), n)
     return Samples(texts, finished, scores.reshape(len(prompts), n))
 
@@ -140,11 +151,14 @@ def round_metrics(samples: Samples, kept: np.ndarray) -> dict[str, float]:
 
 
 def write_dataset(path: Path, prompts: list[PromptExample], samples: Samples, kept: np.ndarray,
-                  round_no: int) -> list[SFTExample]:
-    """Phase 3: the kept responses as an SFT data set (JSONL with scores), and as examples."""
+                  round_no: int, write: bool = True) -> list[SFTExample]:
+    """Phase 3: the kept responses as an SFT data set (JSONL with scores), and as examples.
+
+    ``write=False`` (processes other than the main one) returns the examples only.
+    """
     examples = []
     tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
+    with tmp.open("w") if write else open(os.devnull, "w") as f:
         line = 0
         for p, prompt in enumerate(prompts):
             for rank, s in enumerate(kept[p]):
@@ -156,7 +170,8 @@ def write_dataset(path: Path, prompts: list[PromptExample], samples: Samples, ke
                                     "scores": samples.scores[p].tolist(), "rank": rank + 1, "round": round_no,
                                     "finished": bool(samples.finished[p, s]), "prompt_id": prompt.id}) + "\n")
                 examples.append(SFTExample(prompt.prompt, text, f"{path}:line {line}"))
-    tmp.replace(path)  # a kill mid-write never leaves a half data set that resume would trust
+    if write:
+        tmp.replace(path)  # a kill mid-write never leaves a half data set that resume would trust
     return examples
 
 
@@ -215,20 +230,22 @@ def main(cfg: Config, resume: bool = False) -> dict:
         print(f"alignkit best-of-n: {run.path} is already complete")
         return json.loads((run.path / "DONE").read_text() or "{}")
 
-    # -- setup: prompts, reward, the model
+    # -- setup: prompts, reward, the model, all on the engine's device (each round's
+    #    fine-tuning runs on an engine of its own, for cfg.train's precision)
     prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.on_error, cfg.data.kind, cfg.data.limit)
-    set_seed(cfg.run.seed)
-    run.write_config(cfg)
-    reward_fn = build_reward(cfg.reward.spec)
+    engine = Engine(seed=cfg.run.seed)
+    if engine.is_main:
+        run.write_config(cfg)
+    reward_fn = build_reward(cfg.reward.spec, device=engine.device)
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
-    model = load_causal_lm(cfg.model, trainable=True, tokenizer=tok)
+    model = engine.place(load_causal_lm(cfg.model, trainable=True, tokenizer=tok))
     from alignkit.recipes.sft import train_sft
 
     done_rounds = 0
     if resume:
         while (run.path / f"round-{done_rounds + 1}" / "sft" / "DONE").exists() and done_rounds < cfg.sampling.rounds:
             done_rounds += 1
-    logger = MetricsLogger(run, resume_step=done_rounds if resume else None)
+    logger = engine.open_log(run, resume_step=done_rounds if resume else None)
     if done_rounds:
         load_round_weights(model, run.path / f"round-{done_rounds}" / "sft" / "final")
         print(f"alignkit best-of-n: resuming after round {done_rounds}")
@@ -245,13 +262,15 @@ def main(cfg: Config, resume: bool = False) -> dict:
         else:
             # 1. sample n per prompt from the newest model; 2. score
             t0 = time.time()
-            samples = sample_and_score(model, tok, prompts, cfg, reward_fn, seed=_round_seed(cfg, round_no))
+            samples = sample_and_score(model, tok, prompts, cfg, reward_fn, seed=_round_seed(cfg, round_no),
+                                       engine=engine)
             # 3. keep the top k per prompt, write the SFT data set with its scores
             kept = top_k(samples.scores, cfg.sampling.keep)
-            examples = write_dataset(dataset, prompts, samples, kept, round_no)
+            examples = write_dataset(dataset, prompts, samples, kept, round_no, write=engine.is_main)
             row = {**round_metrics(samples, kept), "sample_seconds": round(time.time() - t0, 1)}
-            (folder / "summary.json").write_text(json.dumps(row, indent=2))
-        print(f"alignkit best-of-n: round {round_no}: mean best-of-{cfg.sampling.n} score "
+            if engine.is_main:
+                (folder / "summary.json").write_text(json.dumps(row, indent=2))
+        engine.print(f"alignkit best-of-n: round {round_no}: mean best-of-{cfg.sampling.n} score "
               f"{row['mean_best_score']:.4f} vs single sample {row['mean_single_score']:.4f}; "
               f"{len(examples)} examples -> {dataset}")
         if not examples:
@@ -263,10 +282,11 @@ def main(cfg: Config, resume: bool = False) -> dict:
                           tokenizer=tok)
         row["fine_tune_seconds"] = round(time.time() - t0, 1)
         row["sft_train_loss"] = json.loads((folder / "sft" / "DONE").read_text()).get("train_loss")
-        (folder / "summary.json").write_text(json.dumps(row, indent=2))
+        if engine.is_main:
+            (folder / "summary.json").write_text(json.dumps(row, indent=2))
+            _link_final(run, final)
         logger.log(round_no, {**row, "round": round_no})
         history.append(row)
-        _link_final(run, final)
 
     # -- what the fine-tuning bought: the final model's single-sample score on the same prompts
     summary: dict = {"rounds": cfg.sampling.rounds, "n": cfg.sampling.n, "keep": cfg.sampling.keep,
@@ -274,15 +294,15 @@ def main(cfg: Config, resume: bool = False) -> dict:
     if cfg.sampling.final_sample:
         t0 = time.time()
         # round 1's seed: the same prompts and random numbers, so the comparison is paired
-        samples = sample_and_score(model, tok, prompts, cfg, reward_fn, seed=_round_seed(cfg, 1))
+        samples = sample_and_score(model, tok, prompts, cfg, reward_fn, seed=_round_seed(cfg, 1), engine=engine)
         after = {**round_metrics(samples, top_k(samples.scores, cfg.sampling.keep)),
                  "sample_seconds": round(time.time() - t0, 1), "round": cfg.sampling.rounds + 1, "final": 1}
         logger.log(cfg.sampling.rounds + 1, after)
         summary["final"] = after
-        print(f"alignkit best-of-n: final model: mean single-sample score {after['mean_single_score']:.4f} "
+        engine.print(f"alignkit best-of-n: final model: mean single-sample score {after['mean_single_score']:.4f} "
               f"(round 1 before fine-tuning: {history[0]['mean_single_score']:.4f}); "
               f"best-of-{cfg.sampling.n} {after['mean_best_score']:.4f}")
     logger.close()
     summary["generation"] = to_dict(cfg.generation)
-    run.mark_done(summary)
+    engine.finish(run, summary)
     return summary

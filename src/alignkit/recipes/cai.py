@@ -39,6 +39,7 @@ Output ``runs/NAME/cai/``:
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import time
@@ -52,7 +53,8 @@ from alignkit.config import DataConfig, GenerationConfig, ModelConfig, RunConfig
 from alignkit.data.formats import PromptExample, SFTExample, load_prompts
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.judges import JudgeConfig, PairwiseJudge, build_judge
-from alignkit.runs import RunDir, progress, set_seed
+from alignkit.runs import RunDir
+from alignkit.training import Engine, SingleProcess
 
 STAGE = "cai"
 Messages = list[dict]
@@ -160,16 +162,17 @@ def clean_revision(text: str) -> str:
 
 
 def critique_revise(model, tok, prompts: list[PromptExample], principles: list[Principle], rounds: int,
-                    gen: GenerationConfig, seed: int) -> list[dict]:
+                    gen: GenerationConfig, seed: int, engine=None) -> list[dict]:
     """Answer, then critique and revise ``rounds`` times; one record (with its chain) per prompt."""
     from alignkit.rollout import generate
 
+    engine = engine or SingleProcess()
     rng = random.Random(seed)
     convs = [p.prompt for p in prompts]
-    bar, task = progress(len(prompts) * (1 + 2 * rounds), "cai: answer, critique, revise")
+    bar, task = engine.progress(len(prompts) * (1 + 2 * rounds), "cai: answer, critique, revise")
     with bar:
         tick = lambda n: bar.update(task, advance=n)  # noqa: E731
-        answers = [g.text for g in generate(model, tok, convs, gen, seed=seed, progress_cb=tick)]
+        answers = [g.text for g in generate(model, tok, convs, gen, seed=seed, progress_cb=tick, engine=engine)]
         records = [{"initial_response": a, "chain": [], "current": a} for a in answers]
         for r in range(1, rounds + 1):
             drawn = [rng.choice(principles) for _ in prompts]
@@ -177,12 +180,13 @@ def critique_revise(model, tok, prompts: list[PromptExample], principles: list[P
             ask = [conv + [{"role": "assistant", "content": rec["current"]},
                            {"role": "user", "content": pr.critique}]
                    for conv, rec, pr in zip(convs, records, drawn)]
-            critiques = [g.text for g in generate(model, tok, ask, gen, seed=seed + 2 * r - 1, progress_cb=tick)]
+            critiques = [g.text for g in generate(model, tok, ask, gen, seed=seed + 2 * r - 1, progress_cb=tick,
+                                                engine=engine)]
             # 2. revise in the light of the critique
             ask = [a + [{"role": "assistant", "content": c}, {"role": "user", "content": pr.revision}]
                    for a, c, pr in zip(ask, critiques, drawn)]
             revisions = [clean_revision(g.text)
-                         for g in generate(model, tok, ask, gen, seed=seed + 2 * r, progress_cb=tick)]
+                         for g in generate(model, tok, ask, gen, seed=seed + 2 * r, progress_cb=tick, engine=engine)]
             for rec, pr, c, v in zip(records, drawn, critiques, revisions):
                 rec["chain"].append({"round": r, "principle": pr.name, "critique_request": pr.critique,
                                      "critique": c, "revision_request": pr.revision, "revision": v})
@@ -208,10 +212,14 @@ def repetition(text: str) -> float:
 
 
 def write_sft_set(folder: Path, prompts: list[PromptExample], records: list[dict], max_repetition: float,
-                  provenance: dict) -> tuple[list[SFTExample], int, int]:
-    """sft.jsonl (+ sft_dropped.jsonl for empty or looping answers); returns (examples, empty revisions, dropped)."""
+                  provenance: dict, write: bool = True) -> tuple[list[SFTExample], int, int]:
+    """sft.jsonl (+ sft_dropped.jsonl for empty or looping answers); returns (examples, empty revisions, dropped).
+
+    ``write=False`` (processes other than the main one) returns the same without writing.
+    """
     examples, n_empty, dropped = [], 0, 0
-    with (folder / "sft.jsonl").open("w") as f, (folder / "sft_dropped.jsonl").open("w") as d:
+    sink = lambda name: (folder / name).open("w") if write else open(os.devnull, "w")  # noqa: E731
+    with sink("sft.jsonl") as f, sink("sft_dropped.jsonl") as d:
         for p, rec in zip(prompts, records):
             n_empty += sum(not step["revision"] for step in rec["chain"])
             row = {"prompt": p.prompt, "completion": rec["current"], "initial_response": rec["initial_response"],
@@ -264,11 +272,12 @@ def main(cfg: Config, resume: bool = False) -> Path:
     if not cfg.data.path:
         raise ConfigError("data.path is empty: give red-team prompts (a file, a hub dataset or builtin:prompts)")
     prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.on_error, cfg.data.kind, cfg.data.limit)
-    set_seed(cfg.run.seed)
-    run.write_config(cfg)
-    run.final.mkdir(parents=True, exist_ok=True)
+    engine = Engine(seed=cfg.run.seed)  # placement and prompt sharding; the fine-tuning gets its own
+    if engine.is_main:
+        run.write_config(cfg)
+        run.final.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
-    model = load_causal_lm(cfg.model, trainable=cfg.supervised.fine_tune, tokenizer=tok)
+    model = engine.place(load_causal_lm(cfg.model, trainable=cfg.supervised.fine_tune, tokenizer=tok))
     seconds: dict[str, float] = {}
     summary: dict = {"constitution": const_name, "prompts": len(prompts)}
     base_prov = {"stage": STAGE, "model": cfg.model.name, "constitution": const_name, "seed": cfg.run.seed,
@@ -276,15 +285,17 @@ def main(cfg: Config, resume: bool = False) -> Path:
 
     # 1. supervised phase: answer -> (critique -> revision) x rounds
     t0 = time.time()
-    records = critique_revise(model, tok, prompts, principles, cfg.supervised.rounds, cfg.generation, cfg.run.seed)
+    records = critique_revise(model, tok, prompts, principles, cfg.supervised.rounds, cfg.generation, cfg.run.seed,
+                              engine)
     # 2. the SFT set: (prompt, final revision); empty or looping ones go to sft_dropped.jsonl
     examples, n_empty, dropped = write_sft_set(run.final, prompts, records, cfg.supervised.max_repetition,
-                                               {**base_prov, "rounds": cfg.supervised.rounds})
-    write_chains_md(run.final / "chains.md", prompts, records)
+                                               {**base_prov, "rounds": cfg.supervised.rounds}, write=engine.is_main)
+    if engine.is_main:
+        write_chains_md(run.final / "chains.md", prompts, records)
     summary.update(sft_examples=len(examples), sft_dropped=dropped, empty_revisions=n_empty,
                    unchanged=sum(r["current"] == r["initial_response"] for r in records))
     seconds["critique_revise"] = time.time() - t0
-    print(f"alignkit cai: {len(examples)} revised answers -> {run.final / 'sft.jsonl'} ({n_empty} empty revisions "
+    engine.print(f"alignkit cai: {len(examples)} revised answers -> {run.final / 'sft.jsonl'} ({n_empty} empty revisions "
           f"kept the previous answer; {dropped} empty or looping final answers -> sft_dropped.jsonl)")
 
     # 3. fine-tune on the revisions (the same SFT loop as `alignkit sft`)
@@ -303,19 +314,23 @@ def main(cfg: Config, resume: bool = False) -> Path:
     # 4. AI feedback: two answers per prompt, the judge picks under a drawn principle
     if cfg.feedback.enabled:
         t0 = time.time()
-        summary.update(feedback(cfg, run, prompts, principles, model, tok, in_memory, base_prov))
+        summary.update(feedback(cfg, run, prompts, principles, model, tok, in_memory, base_prov, engine))
         seconds["feedback"] = time.time() - t0
 
     summary["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
-    (run.final / "summary.json").write_text(json.dumps(summary, indent=2))
-    run.mark_done(summary)
-    print(f"alignkit cai: done in {sum(seconds.values()):.0f} s -> {run.final}")
+    if engine.is_main:
+        (run.final / "summary.json").write_text(json.dumps(summary, indent=2))
+    engine.finish(run, summary)
+    engine.print(f"alignkit cai: done in {sum(seconds.values()):.0f} s -> {run.final}")
     return run.final
 
 
 def feedback(cfg: Config, run: RunDir, prompts: list[PromptExample], principles: list[Principle], model, tok,
-             in_memory: str, base_prov: dict) -> dict:
-    """Write preferences.jsonl: the judge's soft preference between two answers per prompt."""
+             in_memory: str, base_prov: dict, engine: Engine) -> dict:
+    """Write preferences.jsonl: the judge's soft preference between two answers per prompt.
+
+    Every process samples its share of the answers; the main process judges and writes.
+    """
     from alignkit.models import load_causal_lm, load_tokenizer
     from alignkit.rollout import generate
 
@@ -327,17 +342,21 @@ def feedback(cfg: Config, run: RunDir, prompts: list[PromptExample], principles:
     if policy_name != in_memory:
         pcfg = ModelConfig(name=policy_name, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
         tok = load_tokenizer(pcfg.name, pcfg.cache_dir)
-        model = load_causal_lm(pcfg, trainable=False, tokenizer=tok)
+        model = engine.place(load_causal_lm(pcfg, trainable=False, tokenizer=tok))
     model.eval()
-    bar, task = progress(len(prompts) * 2, "cai: two answers per prompt")
+    bar, task = engine.progress(len(prompts) * 2, "cai: two answers per prompt")
     with bar:
         gens = generate(model, tok, [p.prompt for p in prompts], cfg.generation, n=2, seed=cfg.run.seed + 1000,
-                        progress_cb=lambda n: bar.update(task, advance=n))
+                        progress_cb=lambda n: bar.update(task, advance=n), engine=engine)
+    if not engine.is_main:
+        engine.wait()
+        return {}
 
     # The judge: shares the weights in memory when it is the same, untouched model.
     jcfg = fb.judge
     shared = jcfg.backend == "local" and jcfg.model.name == policy_name
-    judge = build_judge(jcfg, model=model if shared else None, tokenizer=tok if shared else None)
+    judge = build_judge(jcfg, model=model if shared else None, tokenizer=tok if shared else None,
+                        device=engine.device)
     if not isinstance(judge, PairwiseJudge):
         raise ConfigError(f"feedback.judge.template '{jcfg.template}' is a scalar template; "
                           f"the feedback phase needs a pairwise one (constitution, pairwise)")
@@ -367,5 +386,6 @@ def feedback(cfg: Config, run: RunDir, prompts: list[PromptExample], principles:
             kept += 1
     print(f"alignkit cai: {kept} AI preference pairs -> {run.final / 'preferences.jsonl'} "
           f"({ties} ties{' or inconsistent' if fb.drop_inconsistent else ''}, {skipped} prompts with identical or empty answers); judge: {judge.stats.summary('comparisons')}")
+    engine.wait()
     return {"preference_pairs": kept, "preference_ties": ties, "preference_skipped": skipped,
             "judge": judge.stats.as_dict()}

@@ -49,20 +49,10 @@ from alignkit.data.formats import (KTOExample, PreferencePair, detect_format, lo
 from alignkit.data.io import read_records
 from alignkit.errors import AlignkitError, DataError
 from alignkit.losses import dpo_loss, ipo_loss, kto_loss, kto_reference_point, sequence_logprobs, simpo_loss, token_logprobs
-from alignkit.models import adapter_disabled, is_peft, load_causal_lm, load_tokenizer, save_model
-from alignkit.runs import MetricsLogger, RunDir, progress, set_seed
-from alignkit.training import (
-    Resumed,
-    build_optimizer,
-    build_scheduler,
-    clip_and_step,
-    restore_training_state,
-    save_training_state,
-    step_batches,
-    steps_per_epoch,
-    total_steps,
-    trainable_parameters,
-)
+from alignkit.models import adapter_disabled, is_peft, load_causal_lm, load_tokenizer
+from alignkit.runs import RunDir
+from alignkit.training import (Engine, SingleProcess, build_optimizer, build_scheduler, step_batches, steps_per_epoch,
+                               total_steps, trainable_parameters)
 
 STAGE = "dpo"
 REF_CACHE = "ref_logps.safetensors"
@@ -132,7 +122,7 @@ def _load_records(path: str, data: DataConfig, kto: bool) -> list:
 
 def _synthetic_pairs(path: str, data: DataConfig) -> list[PreferencePair]:
     """``synthetic:polite_vs_rude?n=..&seed=..`` (or ``synthetic:rankings``), as alignkit rm reads them."""
-    from alignkit.recipes.sft import synthetic_records
+    from alignkit.data.synthetic import synthetic_records
 
     records = synthetic_records(path)
     pairs: list[PreferencePair] = []
@@ -273,26 +263,36 @@ def sequence_logps(model, examples: list[Example], pad_id: int, average: bool = 
 
 @torch.no_grad()
 def compute_reference_logps(model, examples: list[Example], pad_id: int, batch_size: int,
-                            average: bool = False) -> dict[str, torch.Tensor]:
-    """Reference log-probs of every example, ``{"a": (N,), "b": (N,)}``, row i = example i."""
+                            average: bool = False, engine=None) -> dict[str, torch.Tensor]:
+    """Reference log-probs of every example, ``{"a": (N,), "b": (N,)}``, row i = example i.
+
+    Each process computes its share (similar lengths together: less padding, same
+    values); every process gets all rows.
+    """
+    engine = engine or SingleProcess()
+    model = engine.unwrap(model)
     was_training = model.training
     model.eval()
-    a, b = torch.zeros(len(examples)), torch.zeros(len(examples))
-    # Similar lengths together: less padding, same values (padding is masked).
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].a.input_ids) + len(examples[i].b.input_ids))
+    rows: list[tuple[int, float, float]] = []
     with adapter_disabled(model) if is_peft(model) else contextlib.nullcontext():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx, weight in engine.eval_batches(order, batch_size):
             out = sequence_logps(model, [examples[i] for i in idx], pad_id, average)
-            a[idx], b[idx] = out.a.float().cpu(), out.b.float().cpu()
+            if weight:
+                rows += zip(idx, out.a.float().cpu().tolist(), out.b.float().cpu().tolist())
     model.train(was_training)
+    a, b = torch.zeros(len(examples)), torch.zeros(len(examples))
+    for i, la, lb in engine.gather(rows):
+        a[i], b[i] = la, lb
     return {"a": a, "b": b}
 
 
 def reference_key(cfg: Config, model, splits: dict[str, list[Example]]) -> str:
-    """What the cached reference depends on: the exact token ids, the model and its initial weights."""
+    """What the cached reference depends on: the exact token ids, the model, its initial weights
+    and the forward precision."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model": to_dict(cfg.model), "average": cfg.loss.average_logprobs}, sort_keys=True).encode())
+    h.update(json.dumps({"model": to_dict(cfg.model), "average": cfg.loss.average_logprobs,
+                         "mixed_precision": cfg.train.mixed_precision}, sort_keys=True).encode())
     for name, examples in splits.items():
         h.update(name.encode())
         for e in examples:
@@ -303,14 +303,15 @@ def reference_key(cfg: Config, model, splits: dict[str, list[Example]]) -> str:
     return h.hexdigest()
 
 
-def cached_reference_logps(cfg: Config, run: RunDir, model, pad_id: int,
-                           splits: dict[str, list[Example]]) -> dict[str, dict[str, torch.Tensor]]:
-    """Load the run's reference cache when its key matches; otherwise compute and save it."""
-    from safetensors.torch import load_file, save_file
+def cached_reference_logps(cfg: Config, run: RunDir, model, pad_id: int, splits: dict[str, list[Example]],
+                           engine=None) -> dict[str, dict[str, torch.Tensor]]:
+    """Load the run's reference cache when its key matches; otherwise compute (sharded) and save it."""
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
+    engine = engine or SingleProcess()
     path = run.path / REF_CACHE
-    key = reference_key(cfg, model, splits)
+    key = reference_key(cfg, engine.unwrap(model), splits)
     if path.exists():
         with safe_open(str(path), "pt") as f:
             stored = (f.metadata() or {}).get("key")
@@ -321,33 +322,35 @@ def cached_reference_logps(cfg: Config, run: RunDir, model, pad_id: int,
     for split, examples in splits.items():
         if examples:
             out[split] = compute_reference_logps(model, examples, pad_id, cfg.train.batch_size,
-                                                 cfg.loss.average_logprobs)
+                                                 cfg.loss.average_logprobs, engine)
         else:
             out[split] = {"a": torch.zeros(0), "b": torch.zeros(0)}
         flat[f"{split}.a"], flat[f"{split}.b"] = out[split]["a"], out[split]["b"]
-    tmp = path.with_suffix(".tmp")
-    save_file(flat, str(tmp), metadata={"key": key})
-    tmp.replace(path)
+    if engine.is_main:
+        tmp = path.with_suffix(".tmp")
+        save_file(flat, str(tmp), metadata={"key": key})
+        tmp.replace(path)
     return out
 
 
 # --------------------------------------------------------------------------- losses
 
 
-def _dpo(pol: SequenceLogps, ref: SequenceLogps, labels: torch.Tensor, lc: LossConfig):
+def _dpo(pol: SequenceLogps, ref: SequenceLogps, labels: torch.Tensor, lc: LossConfig, sum_over_processes):
     return dpo_loss(pol.a, pol.b, ref.a, ref.b, lc.beta, lc.label_smoothing)
 
 
-def _ipo(pol: SequenceLogps, ref: SequenceLogps, labels: torch.Tensor, lc: LossConfig):
+def _ipo(pol: SequenceLogps, ref: SequenceLogps, labels: torch.Tensor, lc: LossConfig, sum_over_processes):
     return ipo_loss(pol.a, pol.b, ref.a, ref.b, lc.beta)
 
 
-def _simpo(pol: SequenceLogps, ref: SequenceLogps | None, labels: torch.Tensor, lc: LossConfig):
+def _simpo(pol: SequenceLogps, ref: SequenceLogps | None, labels: torch.Tensor, lc: LossConfig, sum_over_processes):
     return simpo_loss(pol.a, pol.b, pol.len_a, pol.len_b, lc.beta, lc.simpo_gamma)
 
 
-def _kto(pol: SequenceLogps, ref: SequenceLogps, labels: torch.Tensor, lc: LossConfig):
-    z0 = kto_reference_point(pol.b, ref.b)  # from the mismatched half, detached
+def _kto(pol: SequenceLogps, ref: SequenceLogps, labels: torch.Tensor, lc: LossConfig, sum_over_processes):
+    # from the mismatched half, detached; over the whole micro-batch of every process
+    z0 = kto_reference_point(pol.b, ref.b, sum_over_processes)
     return kto_loss(pol.a, ref.a, labels, z0, lc.beta, lc.kto_desirable_weight, lc.kto_undesirable_weight)
 
 
@@ -355,8 +358,13 @@ LOSSES = {"dpo": _dpo, "ipo": _ipo, "simpo": _simpo, "kto": _kto}
 REFERENCE_FREE = {"simpo"}
 
 
-def batch_loss(model, examples: list[Example], idx: list[int], ref: dict | None, cfg: Config, pad_id: int):
-    """The configured loss on examples ``idx``: policy forward + cached reference."""
+def batch_loss(model, examples: list[Example], idx: list[int], ref: dict | None, cfg: Config, pad_id: int,
+               engine=None, weight: float = 1.0):
+    """The configured loss on examples ``idx``: policy forward + cached reference.
+
+    ``engine`` and ``weight`` (0 for a stand-in share) let a statistic over the
+    whole micro-batch (KTO's reference point) span every process's share.
+    """
     batch = [examples[i] for i in idx]
     # SimPO normalises by length itself, so it always gets summed log-probs.
     average = cfg.loss.average_logprobs and cfg.loss.type not in REFERENCE_FREE
@@ -366,97 +374,110 @@ def batch_loss(model, examples: list[Example], idx: list[int], ref: dict | None,
         device = pol.a.device
         ref_logps = SequenceLogps(ref["a"][idx].to(device), ref["b"][idx].to(device), pol.len_a, pol.len_b)
     labels = torch.tensor([e.label for e in batch], device=pol.a.device)
-    return LOSSES[cfg.loss.type](pol, ref_logps, labels, cfg.loss)
+    sum_over_processes = None
+    if engine is not None and engine.num_processes > 1:
+        def sum_over_processes(total, count):
+            sums = engine.reduce_sum({"total": float(total) * weight, "count": float(count) * weight})
+            return total.new_tensor(sums["total"]), count.new_tensor(sums["count"])
+    return LOSSES[cfg.loss.type](pol, ref_logps, labels, cfg.loss, sum_over_processes)
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], ref: dict | None, cfg: Config, pad_id: int) -> dict[str, float]:
-    """Held-out metrics (reward accuracy for pairs), weighted by batch size, prefixed ``eval_``."""
-    was_training = model.training
-    model.eval()
+def evaluate(model, examples: list[Example], ref: dict | None, cfg: Config, pad_id: int,
+             engine=None) -> dict[str, float]:
+    """Held-out metrics (reward accuracy for pairs), weighted by batch size, prefixed ``eval_``;
+    each process takes its share."""
+    engine = engine or SingleProcess()
+    scorer = engine.unwrap(model)
+    was_training = scorer.training
+    scorer.eval()
     totals: dict[str, float] = {}
-    for start in range(0, len(examples), cfg.train.batch_size):
-        idx = list(range(start, min(start + cfg.train.batch_size, len(examples))))
-        _, metrics = batch_loss(model, examples, idx, ref, cfg, pad_id)
+    for idx, weight in engine.eval_batches(list(range(len(examples))), cfg.train.batch_size):
+        _, metrics = batch_loss(scorer, examples, idx, ref, cfg, pad_id, engine, weight)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v * len(idx)
-    model.train(was_training)
+            totals[k] = totals.get(k, 0.0) + v * len(idx) * weight
+    scorer.train(was_training)
+    totals = engine.reduce_sum(totals)
     return {f"eval_{k}": v / len(examples) for k, v in totals.items()}
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------- the recipe
 
 
 def main(cfg: Config, resume: bool = False) -> dict:
+    engine = Engine(cfg.train.mixed_precision, seed=cfg.run.seed)
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
-    if resume and run.is_done():
-        print(f"{run.path} is already done; nothing to resume")
-        return json.loads((run.path / "DONE").read_text() or "{}")
-    set_seed(cfg.run.seed)
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir, padding_side="right")
     train_set, eval_set = load_examples(cfg, tok)
     # rl=True turns dropout off: with dropout the policy's log-probs at step 0
     # would differ from the (dropout-free) cached reference, and the loss would
     # not start at log 2.
-    model = load_causal_lm(cfg.model, trainable=True, rl=True, tokenizer=tok).to(_device())
-    model.train()
+    model = engine.place(load_causal_lm(cfg.model, trainable=True, rl=True, tokenizer=tok))
+    optimizer = build_optimizer(trainable_parameters(model), cfg.train)
+    model, optimizer, scheduler = engine.prepare(model, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
+    n_procs = engine.num_processes
+    n_steps = total_steps(len(train_set), cfg.train, n_procs)
+    spe = steps_per_epoch(len(train_set), cfg.train, n_procs)
     pad_id = tok.pad_token_id
-    run.write_config(cfg)
-    print(f"dpo: {len(train_set)} training and {len(eval_set)} held-out examples, loss {cfg.loss.type}")
+    engine.print(f"dpo: {len(train_set)} training and {len(eval_set)} held-out examples, loss {cfg.loss.type}, "
+                 f"{n_procs} process(es)")
 
-    # 1. reference log-probs, once, from the initial policy (before any checkpoint is restored)
+    # 1. reference log-probs, once, from the initial policy (before any checkpoint is restored),
+    #    in the precision the training forwards use
     ref = {"train": None, "eval": None}
     if cfg.loss.type not in REFERENCE_FREE:
         t0 = time.time()
-        ref = cached_reference_logps(cfg, run, model, pad_id, {"train": train_set, "eval": eval_set})
-        print(f"dpo: reference log-probs ready ({time.time() - t0:.1f} s)")
+        ref = cached_reference_logps(cfg, run, model, pad_id, {"train": train_set, "eval": eval_set}, engine)
+        engine.print(f"dpo: reference log-probs ready ({time.time() - t0:.1f} s)")
 
-    params = trainable_parameters(model)
-    optimizer = build_optimizer(params, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    resumed = restore_training_state(run, model, optimizer, scheduler) if resume else Resumed()
-    logger = MetricsLogger(run, resume_step=resumed.step if resume else None)
-    n_steps = total_steps(len(train_set), cfg.train)
-    spe = steps_per_epoch(len(train_set), cfg.train)
-    bar, task = progress(n_steps, "dpo")
+    start = engine.start(run, cfg, n_steps, resume, model)
+    if start.done:
+        return json.loads((run.path / "DONE").read_text() or "{}")
+    bar, task = engine.progress(n_steps, "dpo")
     started = time.time()
     eval_metrics: dict[str, float] = {}
-    with bar:
-        bar.update(task, completed=resumed.step)
-        for step, micro_batches in step_batches(len(train_set), cfg.train, cfg.run.seed, resumed.step):
-            # 2. policy log-probs of a and b in one forward; 3. loss against the cached reference
-            n_in_step = sum(len(mb) for mb in micro_batches)
-            sums: dict[str, float] = {}
-            for mb in micro_batches:
-                loss, metrics = batch_loss(model, train_set, mb, ref["train"], cfg, pad_id)
-                # Each loss is a mean over the micro-batch: weight by its share of the step.
-                (loss * len(mb) / n_in_step).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(mb)
-            # 4. update
-            grad_norm = clip_and_step(params, optimizer, scheduler, cfg.train.max_grad_norm)
-            # 5. log, evaluate, checkpoint
-            row = {k: v / n_in_step for k, v in sums.items()}
-            row.update(grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], epoch=step / spe,
-                       seconds=round(time.time() - started, 2))
-            if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == n_steps):
-                eval_metrics = evaluate(model, eval_set, ref["eval"], cfg, pad_id)
-                row.update(eval_metrics)
-            if step % cfg.train.log_every == 0 or step == n_steps or "eval_loss" in row:
-                logger.log(step, row)
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == n_steps:
-                save_training_state(run, step, model, optimizer, scheduler, cfg.train)
-            bar.update(task, completed=step, info=f"loss {row['loss']:.4f}")
-    logger.close()
+    step = start.step + 1
+    model.train()
+    try:
+        with bar:
+            bar.update(task, completed=start.step)
+            for step, micro in step_batches(len(train_set), cfg.train, cfg.run.seed, start.step, n_procs):
+                # 2. policy log-probs of a and b in one forward; 3. loss against the cached reference
+                n_in_step = sum(len(mb) for mb in micro)  # all processes
+                sums: dict[str, float] = {}
+                for share in engine.micro_batches(model, micro):
+                    loss, metrics = batch_loss(model, train_set, share.items, ref["train"], cfg, pad_id, engine,
+                                               share.weight)
+                    # Each loss is a mean over the share: weight by its part of the step.
+                    part = len(share.items) / n_in_step * share.weight
+                    engine.backward(loss * part)
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v * part
+                # 4. clip, check and update
+                lr, grad_norm = engine.step(model, optimizer, scheduler, cfg.train, step)
+                # 5. log, evaluate, checkpoint
+                row = engine.reduce_sum(sums)
+                row.update(grad_norm=grad_norm, lr=lr, epoch=step / spe, seconds=round(time.time() - started, 2))
+                if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == n_steps):
+                    eval_metrics = evaluate(model, eval_set, ref["eval"], cfg, pad_id, engine)
+                    row.update(eval_metrics)
+                if step % cfg.train.log_every == 0 or step == n_steps or "eval_loss" in row:
+                    engine.log(step, row)
+                if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == n_steps:
+                    engine.save_checkpoint(run, step, cfg.train)
+                bar.update(task, completed=step, info=f"loss {row['loss']:.4f}")
+    except AlignkitError as e:
+        raise engine.stopped(run, step, e) from None
+    finally:
+        engine.close_log()
 
-    save_model(model, tok, run.final, extra={"stage": STAGE, "base": cfg.model.name, "loss": cfg.loss.type})
+    if eval_set and not eval_metrics:  # resumed at the very end: nothing ran
+        eval_metrics = evaluate(model, eval_set, ref["eval"], cfg, pad_id, engine)
+    model.eval()
+    engine.save_final(model, tok, run.final, extra={"stage": STAGE, "base": cfg.model.name, "loss": cfg.loss.type})
     summary = {"steps": n_steps, "train_seconds": round(time.time() - started, 1),
                "examples": len(train_set), **eval_metrics}
-    run.mark_done(summary)
-    print(f"dpo: saved {run.final}" + (f"; held-out reward accuracy {eval_metrics['eval_reward_accuracy']:.3f}"
-                                        if "eval_reward_accuracy" in eval_metrics else ""))
+    engine.finish(run, summary)
+    engine.print(f"dpo: saved {run.final}" + (f"; held-out reward accuracy {eval_metrics['eval_reward_accuracy']:.3f}"
+                                               if "eval_reward_accuracy" in eval_metrics else ""))
     return summary

@@ -31,14 +31,15 @@ import numpy as np
 import torch
 
 from alignkit.config import DataConfig, GenerationConfig, ModelConfig, RunConfig, opt
-from alignkit.data.formats import load_preferences, load_prompts
+from alignkit.data.formats import load_preferences, load_prompts, prompt_text
 from alignkit.errors import ConfigError
 from alignkit.eval import metrics as M
 from alignkit.eval.report import render_summary_table, write_report
 from alignkit.models import load_causal_lm, load_tokenizer
-from alignkit.rewards import build_reward, prompt_text
+from alignkit.rewards import build_reward
 from alignkit.rollout import generate
-from alignkit.runs import RunDir, progress, read_metrics, set_seed
+from alignkit.runs import RunDir, read_metrics
+from alignkit.training import Engine, SingleProcess
 
 STAGE = "eval"
 HUMAN = "human:"
@@ -185,11 +186,19 @@ def _check(cfg: Config) -> tuple[list[_Model], str, str]:
     return models, baseline, cfg.reference or names[0]
 
 
-def _load(model: _Model, device: torch.device):
+def _load(model: _Model, engine: Engine):
     tokenizer = load_tokenizer(model.load_path)
     lm = load_causal_lm(ModelConfig(name=model.load_path, dtype=model.dtype, seed=model.seed),
                         trainable=False, tokenizer=tokenizer)
-    return lm.to(device), tokenizer
+    return engine.place(lm), tokenizer
+
+
+def _scores(engine, fn, prompts: list, texts: list[str]) -> np.ndarray:
+    """``fn(prompts, texts)`` with each process scoring its share; every process gets all scores."""
+    engine = engine or SingleProcess()
+    with engine.together():
+        mine = np.asarray(fn(engine.shard(prompts), engine.shard(texts)), dtype=np.float64).tolist()
+    return np.asarray(engine.gather(mine), dtype=np.float64)
 
 
 def _same_vocab(tok_a, tok_b) -> bool:
@@ -212,45 +221,47 @@ def main(cfg: Config, resume: bool = False) -> Path:
     an evaluation keeps no checkpoints and starts over."""
     # 0. setup: check everything cheap before the expensive sampling
     models, baseline_name, reference_name = _check(cfg)
+    engine = Engine(seed=cfg.run.seed)
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
-    run.write_config(cfg)
-    set_seed(cfg.run.seed)
+    if engine.is_main:
+        run.write_config(cfg)
     prompts = load_prompts(cfg.prompts.path, split=cfg.prompts.split, on_error=cfg.prompts.on_error,
                            kind=cfg.prompts.kind, limit=cfg.prompts.limit)
     messages = [p.prompt for p in prompts]
     k = cfg.samples_per_prompt
-    toxicity_fn = M.ToxicityScorer(cfg.toxicity.scorer, cfg.toxicity.invert)
-    reward_fn = build_reward(cfg.reward_model) if cfg.reward_model else None
+    toxicity_fn = M.ToxicityScorer(cfg.toxicity.scorer, cfg.toxicity.invert, device=engine.device)
+    reward_fn = build_reward(cfg.reward_model, device=engine.device) if cfg.reward_model else None
     judges = []  # per pairwise entry: a judge function, or the counts of a human evaluation
     for pair in cfg.pairwise:
         spec = pair.judge or cfg.judge
         if spec.startswith(HUMAN):
             judges.append(M.load_human_summary(spec[len(HUMAN):], pair.model_a, pair.model_b))
         else:
-            judges.append(M.build_pairwise_judge(spec, cfg.judge_options))
+            judges.append(M.build_pairwise_judge(spec, cfg.judge_options, engine.device))
     pairs = None
     if cfg.preference_data.path:
         pairs = load_preferences(cfg.preference_data.path, split=cfg.preference_data.split,
                                  on_error=cfg.preference_data.on_error, fmt=cfg.preference_data.format,
                                  limit=cfg.preference_data.limit)
-    print(f"eval: {len(models)} models x {len(prompts)} prompts x {k} samples; reference {reference_name!r}, "
-          f"baseline {baseline_name!r} -> {run.path}")
+    engine.print(f"eval: {len(models)} models x {len(prompts)} prompts x {k} samples; reference "
+                 f"{reference_name!r}, baseline {baseline_name!r}, {engine.num_processes} process(es) -> {run.path}")
 
     # 1. reward-model accuracy on held-out pairs (a property of the reward model, not of a policy)
     rm_accuracy = M.reward_model_accuracy(reward_fn, pairs, cfg.confidence) if reward_fn and pairs else None
 
     # 2. sample every model once, 3. KL to the reference on each model's own samples
-    samples, kl, timings = _sample_models(cfg, models, reference_name, messages, reward_fn)
+    samples, kl, timings = _sample_models(cfg, models, reference_name, messages, reward_fn, engine)
 
-    # 4. score the samples: toxicity and reward, all models on the same prompts
+    # 4. score the samples: toxicity and reward, all models on the same prompts (each process its share)
     scores: dict[str, M.ModelScores] = {}
     repeated = [m for m in messages for _ in range(k)]  # prompt-major, as the samples
+    reward_of = (lambda p, t: M.reward_scores(reward_fn, p, t)) if reward_fn else None
     for model in models:
         s = samples[model.name]
-        reward = M.reward_scores(reward_fn, repeated, list(s.texts)) if reward_fn else None
+        reward = _scores(engine, reward_of, repeated, list(s.texts)) if reward_of else None
         scores[model.name] = M.ModelScores(
             name=model.name,
-            toxicity=M.by_prompt(toxicity_fn(repeated, list(s.texts)), k),
+            toxicity=M.by_prompt(_scores(engine, toxicity_fn, repeated, list(s.texts)), k),
             length=M.by_prompt(s.lengths(), k),
             finished=M.by_prompt(s.finished, k),
             texts=s.texts,
@@ -258,7 +269,11 @@ def main(cfg: Config, resume: bool = False) -> Path:
             kl=None if kl[model.name] is None else M.by_prompt(kl[model.name], k),
         )
 
-    # 5. per-model metrics with intervals, the baseline's as the "before"
+    # 5. per-model metrics with intervals, the baseline's as the "before"; the main process
+    #    judges the pairs and writes the report
+    if not engine.is_main:
+        engine.wait()
+        return run.final / "report.html"
     baseline = scores[baseline_name]
     report_models = [
         {"name": m.name, "metrics": M.summarise(scores[m.name], baseline, cfg.confidence, cfg.run.seed),
@@ -286,6 +301,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
     run.mark_done({"report": str(report)})
     print(render_summary_table(summary))
     print(f"report: {report}")
+    engine.wait()
     return report
 
 
@@ -294,42 +310,42 @@ def main(cfg: Config, resume: bool = False) -> Path:
 
 
 def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messages: list,
-                   reward_fn=None) -> tuple:
+                   reward_fn, engine: Engine) -> tuple:
     """k samples per prompt from every model, and each sample's KL to the reference.
 
     The reference is loaded first and stays loaded, so every other model is
-    scored against it right after sampling: at most two models in memory.
+    scored against it right after sampling: at most two models in memory. Each
+    process samples and scores its share of the prompts; all get every result.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     k = cfg.samples_per_prompt
     by_name = {m.name: m for m in models}
     # A reference outside the compared models (e.g. a LoRA run's base) is loaded, never sampled.
     reference = by_name.get(reference_name) or _Model(reference_name, reference_name, "", 1.0, "float32", 0)
     order = [reference.name] if reference.name in by_name else []
     order += [m.name for m in models if m.name != reference.name]
-    ref_lm, ref_tok = _load(reference, device)
+    ref_lm, ref_tok = _load(reference, engine)
     samples: dict[str, M.ModelSamples] = {}
     kl: dict[str, np.ndarray | None] = {}
     timings: dict[str, float] = {}
     # best-of-N reward functions, built once per spec; reward_model's is already loaded
     pickers = {json.dumps(cfg.reward_model, sort_keys=True): reward_fn} if reward_fn else {}
-    bar, task = progress(sum(by_name[n].best_of for n in order) * len(messages) * k, "sampling")
+    bar, task = engine.progress(sum(by_name[n].best_of for n in order) * len(messages) * k, "sampling")
     with bar:
         for name in order:
             started = time.perf_counter()
             model = by_name[name]
             # The reference's weights under another name (e.g. its best-of-N) reuse the loaded copy.
             reuse = name == reference.name or model.same_weights(reference)
-            lm, tok = (ref_lm, ref_tok) if reuse else _load(model, device)
+            lm, tok = (ref_lm, ref_tok) if reuse else _load(model, engine)
             bar.update(task, info=name)
             gen = dataclasses.replace(cfg.generation, temperature=model.temperature)
             generations = generate(lm, tok, messages, gen, n=k * model.best_of, seed=cfg.run.seed,
-                                   progress_cb=lambda n: bar.advance(task, n))
+                                   progress_cb=lambda n: bar.advance(task, n), engine=engine)
             if model.best_of > 1:
                 key = json.dumps(model.best_of_reward, sort_keys=True)
                 if key not in pickers:
-                    pickers[key] = build_reward(model.best_of_reward)
-                generations = _best_of(generations, messages, model.best_of, pickers[key])
+                    pickers[key] = build_reward(model.best_of_reward, device=engine.device)
+                generations = _best_of(generations, messages, model.best_of, pickers[key], engine)
             samples[name] = M.ModelSamples.from_generations(name, generations, k, model.temperature,
                                                             tok.eos_token_id)
             if model.same_weights(reference) and model.best_of > 1:
@@ -340,7 +356,8 @@ def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messa
                 print(f"eval: {name!r} is best-of-{model.best_of} of a model other than the reference; no KL")
                 kl[name] = None
             elif _same_vocab(tok, ref_tok):
-                kl[name] = M.response_kl(lm, ref_lm, samples[name], tok.pad_token_id, cfg.generation.batch_size)
+                kl[name] = M.response_kl(lm, ref_lm, samples[name], tok.pad_token_id, cfg.generation.batch_size,
+                                         engine)
             else:
                 print(f"eval: {name!r} and the reference {reference.name!r} use different tokenizers; no KL")
                 kl[name] = None
@@ -348,17 +365,19 @@ def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messa
                 del lm, tok
                 _release_memory()
             timings[name] = time.perf_counter() - started
-            bar.console.print(f"eval: sampled {name!r}: {len(generations)} responses in {timings[name]:.0f} s")
+            if engine.is_main:
+                bar.console.print(f"eval: sampled {name!r}: {len(generations)} responses in {timings[name]:.0f} s")
     del ref_lm, ref_tok
     _release_memory()
     return samples, kl, timings
 
 
-def _best_of(generations: list, messages: list, n: int, reward_fn) -> list:
+def _best_of(generations: list, messages: list, n: int, reward_fn, engine=None) -> list:
     """Keep the highest-reward generation of each consecutive group of ``n`` (prompt-major
     order: the groups never mix prompts); the first of equal scores wins."""
     repeated = [m for m in messages for _ in range(len(generations) // len(messages))]
-    scores = M.reward_scores(reward_fn, repeated, [g.text for g in generations]).reshape(-1, n)
+    scores = _scores(engine, lambda p, t: M.reward_scores(reward_fn, p, t), repeated,
+                     [g.text for g in generations]).reshape(-1, n)
     return [generations[g * n + int(i)] for g, i in enumerate(scores.argmax(axis=1))]
 
 

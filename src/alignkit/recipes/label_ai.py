@@ -40,7 +40,8 @@ from alignkit.config import DataConfig, GenerationConfig, ModelConfig, RunConfig
 from alignkit.data.formats import PromptExample, load_prompts, parse_prompt
 from alignkit.data.io import read_records
 from alignkit.errors import AlignkitError, ConfigError
-from alignkit.runs import RunDir, progress, set_seed
+from alignkit.runs import RunDir
+from alignkit.training import Engine
 
 STAGE = "label-ai"
 
@@ -149,16 +150,16 @@ def _given_completions(path: str, split: str, limit: int | None) -> list[Item] |
     return items
 
 
-def _sample(cfg: Config, prompts: list[PromptExample]) -> list[Item]:
+def _sample(cfg: Config, prompts: list[PromptExample], engine: Engine) -> list[Item]:
     from alignkit.models import load_causal_lm, load_tokenizer
     from alignkit.rollout import generate
 
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
-    model = load_causal_lm(cfg.model, trainable=False, tokenizer=tok)
-    bar, task = progress(len(prompts) * cfg.k, f"label-ai: sampling {cfg.k} per prompt")
+    model = engine.place(load_causal_lm(cfg.model, trainable=False, tokenizer=tok))
+    bar, task = engine.progress(len(prompts) * cfg.k, f"label-ai: sampling {cfg.k} per prompt")
     with bar:
         gens = generate(model, tok, [p.prompt for p in prompts], cfg.generation, n=cfg.k, seed=cfg.run.seed,
-                        progress_cb=lambda n: bar.update(task, advance=n))
+                        progress_cb=lambda n: bar.update(task, advance=n), engine=engine)
     return [Item(p.prompt, [g.text for g in gens[i * cfg.k:(i + 1) * cfg.k]], p.id, cfg.model.name, p.loc)
             for i, p in enumerate(prompts)]
 
@@ -176,16 +177,18 @@ def main(cfg: Config, resume: bool = False) -> Path:
     if not cfg.data.path:
         raise ConfigError("data.path is empty: give prompts (a file, a hub dataset, builtin:prompts) "
                           "or a file of {prompt, completions} records")
-    set_seed(cfg.run.seed)
-    run.write_config(cfg)
+    engine = Engine(seed=cfg.run.seed)
+    if engine.is_main:
+        run.write_config(cfg)
     started = time.time()
-    reward = build_reward(cfg.reward)  # before sampling: a bad spec fails in a second, not after minutes
+    # before sampling: a bad spec fails in a second, not after minutes
+    reward = build_reward(cfg.reward, device=engine.device)
 
-    # 1. responses: the given completions, or K samples per prompt from the model
+    # 1. responses: the given completions, or K samples per prompt from the model (each process its share)
     items = _given_completions(cfg.data.path, cfg.data.split, cfg.data.limit)
     if items is None:
         prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.on_error, cfg.data.kind, cfg.data.limit)
-        items = _sample(cfg, prompts)
+        items = _sample(cfg, prompts, engine)
 
     # 2. clean: a ranking needs at least two distinct non-empty completions
     counts = {"prompts": len(items), "dropped_empty": 0, "dropped_duplicate": 0, "prompts_skipped": 0}
@@ -202,10 +205,21 @@ def main(cfg: Config, resume: bool = False) -> Path:
         raise AlignkitError(f"label-ai: no prompt has two distinct non-empty completions "
                             f"({counts['dropped_empty']} empty, {counts['dropped_duplicate']} repeated)")
 
-    # 3. score every completion with the reward (one call: judges and models batch it)
+    # 3. score every completion with the reward (one call per process: judges and models batch it)
     flat_prompts = [it.prompt for it in kept for _ in it.completions]
     flat_texts = [t for it in kept for t in it.completions]
-    flat_scores = reward(flat_prompts, flat_texts).tolist()
+    with engine.together():
+        mine = reward(engine.shard(flat_prompts), engine.shard(flat_texts)).tolist()
+    flat_scores = engine.gather(mine)
+    stats = getattr(reward, "stats", None)
+    judge_stats = stats.as_dict() if stats is not None and hasattr(stats, "as_dict") else None
+    if judge_stats is not None and engine.num_processes > 1:  # every process's judgements
+        judge_stats = engine.reduce_sum({k: v for k, v in judge_stats.items() if isinstance(v, (int, float))})
+        judge_stats = {**{k: int(v) if float(v).is_integer() else v for k, v in judge_stats.items()},
+                       "unparsable_examples": stats.examples}  # this process's few examples
+    if not engine.is_main:
+        engine.wait()
+        return run.final
 
     # 4. rank (dense, ties within tolerance) and expand to pairs
     spec = cfg.reward if isinstance(cfg.reward, str) else json.dumps(cfg.reward, sort_keys=True)
@@ -239,9 +253,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
     # 5. summary: counts, so that nothing is dropped silently
     summary = {**counts, "ranked": len(kept), "pairs": n_pairs, "pairs_below_min_gap": short,
                "mean_score": sum(flat_scores) / len(flat_scores), "seconds": round(time.time() - started, 1)}
-    stats = getattr(reward, "stats", None)
-    if stats is not None and hasattr(stats, "as_dict"):
-        summary["judge"] = stats.as_dict()
+    if judge_stats is not None:
+        summary["judge"] = judge_stats
     (run.final / "summary.json").write_text(json.dumps(summary, indent=2))
     run.mark_done(summary)
     dropped = counts["dropped_empty"] + counts["dropped_duplicate"]
@@ -250,6 +263,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
           + (f", skipped {counts['prompts_skipped']} prompts with < 2 distinct completions"
              if counts["prompts_skipped"] else "")
           + (f", {short} pairs under min_gap" if short else ""))
-    if stats is not None and hasattr(stats, "summary"):
+    if stats is not None and hasattr(stats, "summary") and engine.num_processes == 1:
         print(f"alignkit label-ai: judge: {stats.summary('judgements')}")
+    engine.wait()
     return run.final

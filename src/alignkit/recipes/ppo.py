@@ -33,9 +33,7 @@ rollout's responses), checkpoints/, final/ (the policy, save_model), DONE.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignkit.actor_critic import ActorCritic, reference_forward, token_values  # noqa: F401 (token_values: API)
 from alignkit.advantages import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_shaped_rewards,
                                  masked_mean, masked_whiten)
 from alignkit.config import DataConfig, GenerationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, opt
@@ -51,12 +50,11 @@ from alignkit.data.collate import encode_prompt
 from alignkit.data.formats import load_prompts
 from alignkit.errors import AlignkitError, ConfigError, DataError
 from alignkit.losses import entropy_bonus, entropy_from_logits, ppo_policy_loss, ppo_value_loss
-from alignkit.models import (adapter_disabled, frozen_copy, is_peft, load_causal_lm, load_sequence_scorer,
-                             load_tokenizer, save_model)
+from alignkit.models import is_peft, load_causal_lm, load_sequence_scorer, load_tokenizer
 from alignkit.rewards import build_reward
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout
-from alignkit.runs import MetricsLogger, RunDir, latest_checkpoint, progress, set_seed
-from alignkit.training import build_scheduler, epoch_order, restore_training_state, save_training_state
+from alignkit.runs import RunDir
+from alignkit.training import Engine, NonFiniteError, build_scheduler, epoch_order
 
 STAGE = "ppo"
 
@@ -150,45 +148,6 @@ def check_config(cfg: Config) -> None:
 # --------------------------------------------------------------------------- models
 
 
-class ActorCritic(nn.Module):
-    """The policy LM and its critic, called as ``(ids, attention, positions, keep) -> (logits, values)``.
-
-    Shared mode: a linear value head reads the policy's last hidden state, so one
-    forward gives both; the value loss reaches the trunk only through vf_coef.
-    Separate mode: a sequence scorer's backbone + its ``score`` head, read at every
-    token (a reward model's head is a per-token value estimate's natural start).
-    """
-
-    def __init__(self, policy, value_model=None):
-        super().__init__()
-        self.policy = policy
-        self.value_model = value_model
-        if value_model is None:
-            self.value_head = nn.Linear(policy.config.hidden_size, 1)
-            # Zero: values start at 0 and the first value-loss gradients leave the trunk alone.
-            nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
-        shared = self.value_model is None
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          logits_to_keep=logits_to_keep, output_hidden_states=shared, use_cache=False)
-        if shared:
-            hidden = out.hidden_states[-1][:, -logits_to_keep:]
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        else:
-            values = token_values(self.value_model, input_ids, attention_mask, position_ids, logits_to_keep)
-        return out.logits, values
-
-
-def token_values(scorer, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
-    """A sequence scorer's head applied at every one of the last ``keep`` positions: ``(B, keep)``."""
-    base = scorer.get_base_model() if is_peft(scorer) else scorer
-    hidden = base.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state[:, -keep:]
-    return base.score(hidden).squeeze(-1).float()
-
-
 def load_value_model(cfg: Config, tok):
     name = cfg.model.name if cfg.value.init == "policy" else cfg.value.init
     if (Path(name) / "final" / "config.json").exists():  # a run folder, as rm:PATH accepts
@@ -201,24 +160,6 @@ def load_value_model(cfg: Config, tok):
         raise AlignkitError(f"value.init={cfg.value.init}: a separate critic needs a decoder reward model with a "
                             f"'score' head (a causal LM backbone), not {type(base).__name__}")
     return scorer
-
-
-def reference_forward(policy):
-    """The frozen reference as ``(ids, attention, positions, keep) -> (logits, None)``.
-
-    With LoRA, the policy itself with the adapter off: no second copy of the base
-    weights, and the same module shapes as the policy's forward.
-    """
-    ref_model = None if is_peft(policy) else frozen_copy(policy)
-
-    def forward(input_ids, attention_mask, position_ids, logits_to_keep):
-        ctx = adapter_disabled(policy) if ref_model is None else contextlib.nullcontext()
-        with ctx:
-            out = (ref_model or policy)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                        logits_to_keep=logits_to_keep, use_cache=False)
-        return out.logits, None
-
-    return forward
 
 
 # --------------------------------------------------------------------------- prompts
@@ -266,19 +207,23 @@ def prompt_batch(n_prompts: int, batch: int, seed: int, step: int) -> list[int]:
 # --------------------------------------------------------------------------- phases
 
 
-class NonFiniteError(AlignkitError):
-    """A non-finite score, loss or gradient: the run stops before it can corrupt the weights."""
-
-
-def score_rollout(reward_fn, prompts: list, rollout: Rollout,
-                  no_eos_penalty: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def score_rollout(reward_fn, prompts: list, rollout: Rollout, no_eos_penalty: float | None,
+                  engine=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores, raw_scores)``, ``(N,)``: the reward, with the no-EOS penalty applied to unfinished responses.
 
-    The penalty replaces the score; the response itself is left as sampled (writing
-    EOS over its last token would train on an action the policy never took).
+    With an engine, each process scores its contiguous share of the rows and every
+    process gets all scores. The penalty replaces the score; the response itself is
+    left as sampled (writing EOS over its last token would train on an action the
+    policy never took).
     """
-    messages = [prompts[int(i)] for i in rollout.prompt_index]
-    raw = torch.as_tensor(reward_fn(messages, list(rollout.texts)), dtype=torch.float32)
+    from alignkit.training import SingleProcess
+
+    engine = engine or SingleProcess()
+    rows = engine.shard(list(range(len(rollout))))
+    with engine.together():
+        mine = reward_fn([prompts[int(rollout.prompt_index[i])] for i in rows], [rollout.texts[i] for i in rows])
+        mine = [float(x) for x in mine]
+    raw = torch.tensor(engine.gather(mine), dtype=torch.float32)
     bad = torch.nonzero(~torch.isfinite(raw)).flatten()
     if len(bad):
         raise NonFiniteError(f"reward '{reward_fn.name}' gave a non-finite score to response {int(bad[0])}")
@@ -289,91 +234,116 @@ def score_rollout(reward_fn, prompts: list, rollout: Rollout,
 
 
 def ppo_update(ac: ActorCritic, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor, optimizer,
-               scheduler, cfg: Config, generator: torch.Generator) -> list[dict[str, float]]:
-    """PPO epochs over shuffled minibatches; returns one metrics dict per micro-batch, in order.
+               scheduler, cfg: Config, generator: torch.Generator, engine: Engine,
+               step: int = 0) -> list[dict[str, float]]:
+    """PPO epochs over shuffled minibatches; returns one metrics dict per micro-batch of this process, in order.
 
-    Each micro-batch's losses are sums over its tokens divided by the minibatch's
-    token count (``num_tokens``), so accumulated gradients equal the whole
-    minibatch's. Raises NonFiniteError before any step that would apply a
-    non-finite loss or gradient.
+    The rollout, advantages and returns are the whole rollout of all processes;
+    the permutation and the minibatches are the same on every process, and each
+    takes its share of each micro-batch. Each micro-batch's losses are sums over
+    its tokens divided by the whole minibatch's token count (``num_tokens``, all
+    processes), so accumulated gradients equal the whole minibatch's, whatever the
+    accumulation and process count. Raises NonFiniteError before any step that
+    would apply a non-finite loss or gradient.
     """
     p = cfg.ppo
     device = next(ac.parameters()).device
-    params = [q for q in ac.parameters() if q.requires_grad]
-    micro_size = p.minibatch_size // cfg.train.grad_accum
+    micro_size = p.minibatch_size // cfg.train.grad_accum * engine.num_processes
+    minibatch = p.minibatch_size * engine.num_processes
     records = []
     ac.train()
     for epoch in range(p.ppo_epochs):
-        order = torch.randperm(len(rollout), generator=generator)
-        for mb_start in range(0, len(rollout), p.minibatch_size):
-            mb = order[mb_start:mb_start + p.minibatch_size]
+        order = torch.randperm(len(rollout), generator=generator).tolist()
+        for mb_start in range(0, len(rollout), minibatch):
+            mb = order[mb_start:mb_start + minibatch]
             num_tokens = rollout.mask[mb].sum().item()
-            for micro in mb.split(micro_size):
-                mb_mask = rollout.mask[micro].to(device)
+            micro = [mb[k:k + micro_size] for k in range(0, len(mb), micro_size)]
+            for share in engine.micro_batches(ac, micro):
+                rows = torch.tensor(share.items)
+                mb_mask = rollout.mask[rows].to(device)
                 logprobs, values, logits = forward_responses(
-                    ac, rollout.query_responses[micro].to(device), rollout.attention_mask[micro].to(device),
-                    rollout.position_ids[micro].to(device), rollout.responses[micro].to(device), rollout.temperature)
-                pg_loss, pg_metrics = ppo_policy_loss(logprobs, rollout.logprobs[micro].to(device),
-                                                      advantages[micro].to(device), mb_mask, p.clip_eps, num_tokens)
-                vf_loss, vf_metrics = ppo_value_loss(values, rollout.values[micro].to(device),
-                                                     returns[micro].to(device), mb_mask, p.value_clip_eps, num_tokens)
+                    ac, rollout.query_responses[rows].to(device), rollout.attention_mask[rows].to(device),
+                    rollout.position_ids[rows].to(device), rollout.responses[rows].to(device), rollout.temperature)
+                pg_loss, pg_metrics = ppo_policy_loss(logprobs, rollout.logprobs[rows].to(device),
+                                                      advantages[rows].to(device), mb_mask, p.clip_eps, num_tokens)
+                vf_loss, vf_metrics = ppo_value_loss(values, rollout.values[rows].to(device),
+                                                     returns[rows].to(device), mb_mask, p.value_clip_eps, num_tokens)
                 # Entropy through the graph only when it is part of the loss (it is a
                 # (B, R, V) computation); otherwise it is measured, not trained.
-                with contextlib.nullcontext() if p.ent_coef > 0 else torch.no_grad():
+                with torch.enable_grad() if p.ent_coef > 0 else torch.no_grad():
                     entropy = entropy_from_logits(logits, rollout.temperature)
                     ent_bonus, ent_metrics = entropy_bonus(entropy, mb_mask, num_tokens)
                 loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * ent_bonus
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"the PPO loss is not finite (policy {pg_metrics['policy_loss']}, "
-                                         f"value {vf_metrics['value_loss']})")
-                loss.backward()
-                records.append({**pg_metrics, **vf_metrics, **ent_metrics, "tokens": float(mb_mask.sum())})
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteError("the gradient norm is not finite")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            records[-1]["grad_norm"] = float(grad_norm)
+                engine.backward(loss * share.weight)
+                if share.weight:
+                    records.append({**pg_metrics, **vf_metrics, **ent_metrics, "tokens": float(mb_mask.sum())})
+            _, grad_norm = engine.step(ac, optimizer, scheduler, cfg.train, step)
+            if records:
+                records[-1]["grad_norm"] = grad_norm
     return records
 
 
-def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
-    """Token-weighted means of the update's metrics (ratio_max: the max)."""
-    total = sum(r["tokens"] for r in records) or 1.0
-    keys = ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean", "value_clip_fraction")
-    out = {k: sum(r[k] * r["tokens"] for r in records) / total for k in keys}
-    out["ratio_max"] = max(r["ratio_max"] for r in records)
+MEAN_KEYS = ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean",
+             "value_clip_fraction")
+
+
+def mean_metrics(records: list[dict[str, float]], engine=None) -> dict[str, float]:
+    """Token-weighted means of the update's metrics over every process's micro-batches (ratio_max: the max)."""
+    from alignkit.training import SingleProcess
+
+    engine = engine or SingleProcess()
+    sums = {k: sum(r[k] * r["tokens"] for r in records) for k in MEAN_KEYS}
+    sums["tokens"] = sum(r["tokens"] for r in records)
     norms = [r["grad_norm"] for r in records if "grad_norm" in r]
-    out["grad_norm"] = sum(norms) / len(norms)
+    if engine.num_processes > 1:
+        sums = engine.reduce_sum(sums)
+    total = sums["tokens"] or 1.0
+    out = {k: sums[k] / total for k in MEAN_KEYS}
+    ratio_max = max((r["ratio_max"] for r in records), default=0.0)
+    out["ratio_max"] = engine.reduce_max(ratio_max) if engine.num_processes > 1 else ratio_max
+    out["grad_norm"] = sum(norms) / len(norms) if norms else None  # the same on every process
     return out
 
 
 # --------------------------------------------------------------------------- the recipe
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass
+class Setup:
+    """Everything the loop uses, built once (see :func:`build`)."""
+
+    tok: Any
+    ac: nn.Module  # the ActorCritic, prepared by the engine
+    reference: Any  # reference_forward(...)
+    reward_fn: Any
+    prompts: list
+    prompt_ids: list[list[int]]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    kl_ctl: Any
 
 
-def build(cfg: Config):
-    """Tokenizer, actor-critic, reference, reward, prompts: everything before the loop."""
+def build(cfg: Config, engine: Engine) -> Setup:
+    """Tokenizer, actor-critic, reference, reward, prompts, optimizer: everything before the loop,
+    every model on the engine's device."""
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir, padding_side="left")
     # rl=True: dropout off everywhere, so ratio == 1 and KL == 0 on the first minibatch.
     policy = load_causal_lm(cfg.model, trainable=True, rl=True, tokenizer=tok)
     value_model = load_value_model(cfg, tok) if cfg.value.mode == "separate" else None
-    ac = ActorCritic(policy, value_model).to(_device())
-    reference = reference_forward(ac.policy)
-    reward_fn = build_reward(cfg.reward.spec)
+    ac = engine.place(ActorCritic(policy, value_model))
+    # before prepare: a full fine-tuning reference is a frozen copy of the placed, unwrapped policy
+    reference = reference_forward(ac.policy, engine.autocast)
+    reward_fn = build_reward(cfg.reward.spec, device=engine.device)
     prompts, prompt_ids = load_prompt_set(cfg, tok)
-    return tok, ac, reference, reward_fn, prompts, prompt_ids
+    optimizer = build_optimizer(ac, cfg)
+    ac, optimizer, scheduler = engine.prepare(ac, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
+    return Setup(tok, ac, reference, reward_fn, prompts, prompt_ids, optimizer, scheduler, kl_controller(cfg))
 
 
 def build_optimizer(ac: ActorCritic, cfg: Config) -> torch.optim.Optimizer:
-    critic = ac.value_model if ac.value_model is not None else ac.value_head
-    critic_ids = {id(q) for q in critic.parameters()}
+    critic_ids = {id(q) for q in ac.critic.parameters()}
     actor = [q for q in ac.parameters() if q.requires_grad and id(q) not in critic_ids]
-    groups = [{"params": actor}, {"params": [q for q in critic.parameters() if q.requires_grad],
+    groups = [{"params": actor}, {"params": [q for q in ac.critic.parameters() if q.requires_grad],
                                   "lr": cfg.value.learning_rate or cfg.train.learning_rate}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.learning_rate,
                              weight_decay=cfg.train.weight_decay)
@@ -386,97 +356,92 @@ def kl_controller(cfg: Config):
 
 def main(cfg: Config, resume: bool = False) -> dict:
     check_config(cfg)
+    engine = Engine(cfg.train.mixed_precision, seed=cfg.run.seed)
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
-    if resume and run.is_done():
-        print(f"{run.path} is already done; nothing to resume")
+    setup = build(cfg, engine)
+    start = engine.start(run, cfg, cfg.ppo.steps, resume, setup.ac)
+    if start.done:
         return json.loads((run.path / "DONE").read_text() or "{}")
-    set_seed(cfg.run.seed)
-    tok, ac, reference, reward_fn, prompts, prompt_ids = build(cfg)
-    run.write_config(cfg)
-    optimizer = build_optimizer(ac, cfg)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    kl_ctl = kl_controller(cfg)
-    start = 0
-    if resume:
-        resumed = restore_training_state(run, ac, optimizer, scheduler)
-        start = resumed.step
-        if resumed.extra:
-            kl_ctl.load_state_dict(resumed.extra["kl_controller"])
-    elif run.checkpoints.exists():  # a fresh run must not leave an older run's checkpoints to resume from
-        shutil.rmtree(run.checkpoints)
-    logger = MetricsLogger(run, resume_step=start if resume else None)
+    if start.extra:
+        setup.kl_ctl.load_state_dict(start.extra["kl_controller"])
     p = cfg.ppo
-    micro_size = p.minibatch_size // cfg.train.grad_accum
-    print(f"ppo: {len(prompts)} prompts, {p.rollout_batch_size} x {p.samples_per_prompt} samples per step, "
-          f"{p.steps} steps, value {cfg.value.mode}, reward {reward_fn.name}")
+    engine.print(f"ppo: {len(setup.prompts)} prompts, {p.rollout_batch_size} x {p.samples_per_prompt} samples per "
+                 f"step x {engine.num_processes} process(es), {p.steps} steps, value {cfg.value.mode}, "
+                 f"reward {setup.reward_fn.name}")
 
-    bar, task = progress(p.steps, "ppo")
-    last: dict[str, float] = {}
-    with bar:
-        bar.update(task, completed=start)
-        for step in range(start + 1, p.steps + 1):
-            try:
-                last = ppo_step(step, cfg, tok, ac, reference, reward_fn, prompts, prompt_ids, optimizer, scheduler,
-                                kl_ctl, micro_size)
-            except AlignkitError as e:  # a non-finite score/loss, a failing reward: stop, keep the last checkpoint
-                ckpt = latest_checkpoint(run)
-                logger.close()
-                raise AlignkitError(f"step {step}: {e}; stopped. Last good checkpoint: "
-                                    f"{ckpt if ckpt else 'none (no checkpoint written yet)'}") from None
-            if step % cfg.train.log_every == 0 or step == p.steps:
-                logger.log(step, {k: v for k, v in last.items() if not k.startswith("_")})
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == p.steps:
-                save_training_state(run, step, ac, optimizer, scheduler, cfg.train,
-                                    extra={"kl_controller": kl_ctl.state_dict(),
-                                           "data_position": step * p.rollout_batch_size})
-            bar.update(task, advance=1, info=f"score {last['score/mean']:.3f} kl {last['kl']:.3f}")
-    logger.close()
+    bar, task = engine.progress(p.steps, "ppo")
+    last: dict[str, Any] = {}
+    step = start.step + 1
+    try:
+        with bar:
+            bar.update(task, completed=start.step)
+            for step in range(start.step + 1, p.steps + 1):
+                last, _ = ppo_step(step, cfg, setup, engine)
+                if step % cfg.train.log_every == 0 or step == p.steps:
+                    engine.log(step, {k: v for k, v in last.items() if not k.startswith("_")})
+                if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == p.steps:
+                    engine.save_checkpoint(run, step, cfg.train, extra={"kl_controller": setup.kl_ctl.state_dict()})
+                bar.update(task, advance=1, info=f"score {last['score/mean']:.3f} kl {last['kl']:.3f}")
+    except AlignkitError as e:  # a non-finite score/loss, a failing reward: stop, keep the last checkpoint
+        raise engine.stopped(run, step, e) from None
+    finally:
+        engine.close_log()
 
-    save_model(ac.policy, tok, run.final, extra={"stage": STAGE, "base": cfg.model.name, "reward": str(cfg.reward.spec),
-                                                  "steps": p.steps})
-    if last.get("_samples"):
-        (run.path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in last["_samples"]))
-    plot_curves(run)
-    summary = {k: v for k, v in last.items() if not k.startswith("_")}
-    run.mark_done(summary)
-    print(f"ppo: done; policy in {run.final}")
+    policy = engine.unwrap(setup.ac).policy
+    engine.save_final(policy, setup.tok, run.final, extra={"stage": STAGE, "base": cfg.model.name,
+                                                           "reward": str(cfg.reward.spec), "steps": p.steps})
+    summary = {"steps": p.steps, **{k: v for k, v in last.items() if not k.startswith("_")}}
+    if engine.is_main:
+        if last.get("_samples"):
+            (run.path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in last["_samples"]))
+        plot_curves(run)
+    engine.finish(run, summary)
+    engine.print(f"ppo: done; policy in {run.final}")
     return summary
 
 
-def ppo_step(step: int, cfg: Config, tok, ac: ActorCritic, reference, reward_fn, prompts, prompt_ids, optimizer,
-             scheduler, kl_ctl, micro_size: int) -> dict:
-    """One PPO iteration: rollout, score, KL-shaped rewards, GAE, update. Returns its metrics."""
-    p = cfg.ppo
-    idx = prompt_batch(len(prompts), p.rollout_batch_size, cfg.run.seed, step)
-    batch_prompts = [prompts[i].prompt for i in idx]
+def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict, list[dict]]:
+    """One PPO iteration: rollout, score, KL-shaped rewards, GAE, update.
 
-    # 1. rollout (no grad): responses, logprobs, ref_logprobs, values
+    Returns its metrics and the update's per-micro-batch records (this process's).
+    """
+    p = cfg.ppo
+    n_procs = engine.num_processes
+    idx = prompt_batch(len(setup.prompts), p.rollout_batch_size * n_procs, cfg.run.seed, step)
+    batch_prompts = [setup.prompts[i].prompt for i in idx]
+    micro_size = p.minibatch_size // cfg.train.grad_accum
+
+    # 1. rollout (no grad): each process samples and scores its share; all get the whole rollout
     t0 = time.perf_counter()
-    rollout = ppo_rollout(ac, tok, [prompt_ids[i] for i in idx], cfg.generation, reference=reference,
-                          n=p.samples_per_prompt, forward_batch_size=micro_size)
+    rollout = ppo_rollout(setup.ac, setup.tok, [setup.prompt_ids[i] for i in idx], cfg.generation,
+                          reference=setup.reference, n=p.samples_per_prompt, forward_batch_size=micro_size,
+                          seed=cfg.run.seed * 1_000_003 + step, engine=engine)
     t1 = time.perf_counter()
 
     # 2. score
-    scores, raw_scores = score_rollout(reward_fn, batch_prompts, rollout, cfg.reward.no_eos_penalty)
+    scores, raw_scores = score_rollout(setup.reward_fn, batch_prompts, rollout, cfg.reward.no_eos_penalty, engine)
     t2 = time.perf_counter()
 
     # 3. KL-shaped rewards: -beta * (logprobs - ref_logprobs) per token, + score at the last token
     mask = rollout.mask
-    rewards, kl = kl_shaped_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_ctl.value)
+    rewards, kl = kl_shaped_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, setup.kl_ctl.value)
     seq_kl = kl.sum(-1)  # per sequence, in nats: what the adaptive controller tracks
 
-    # 4. GAE; the value after the last token is 0 (the episode is over)
+    # 4. GAE; the value after the last token is 0 (the episode is over). Every process
+    #    holds the whole rollout, so the whitening statistics are the global ones.
     advantages, returns = gae(rollout.values, rewards, mask, p.gamma, p.lam)
     if p.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
 
     # 5. update
     generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
-    records = ppo_update(ac, rollout, advantages, returns, optimizer, scheduler, cfg, generator)
+    lr = setup.scheduler.get_last_lr()[0]
+    records = ppo_update(setup.ac, rollout, advantages, returns, setup.optimizer, setup.scheduler, cfg, generator,
+                         engine, step)
     t3 = time.perf_counter()
 
-    kl_coef = kl_ctl.value
-    kl_ctl.update(seq_kl.mean().item(), len(rollout))
+    kl_coef = setup.kl_ctl.value
+    setup.kl_ctl.update(seq_kl.mean().item(), len(rollout))
     ev = explained_variance(rollout.values, returns, mask)
     n_tokens = int(mask.sum())
     metrics = {
@@ -486,23 +451,23 @@ def ppo_step(step: int, cfg: Config, tok, ac: ActorCritic, reference, reward_fn,
         "kl": seq_kl.mean().item(),
         "kl_coef": kl_coef,
         "non_score_reward": (-kl_coef * seq_kl).mean().item(),
-        **mean_metrics(records),
+        **mean_metrics(records, engine),
         "explained_variance": None if ev != ev else ev,  # NaN (no return variance) logs as null
         "response_length": rollout.lengths.float().mean().item(),
         "no_eos_share": 1.0 - rollout.finished.float().mean().item(),
         "value_mean": masked_mean(rollout.values, mask).item(),
         "tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
         "memory/peak_rss_mb": peak_rss_mb(),
-        "lr": scheduler.get_last_lr()[0],
+        **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
+        "lr": lr,
         "time/rollout": t1 - t0,
         "time/score": t2 - t1,
         "time/update": t3 - t2,
-        "_first_micro_batch": records[0],
         "_samples": [{"prompt": m[-1]["content"], "response": r, "score": s}
                      for m, r, s in zip([batch_prompts[int(i)] for i in rollout.prompt_index], rollout.texts,
                                         scores.tolist())],
     }
-    return metrics
+    return metrics, records
 
 
 def peak_rss_mb() -> float | None:

@@ -47,12 +47,12 @@ from alignkit.data.formats import (AGGREGATION_RULES, PreferencePair, load_prefe
 from alignkit.data.io import ErrorPolicy
 from alignkit.errors import AlignkitError, ConfigError, DataError
 from alignkit.losses import pairwise_loss, reward_centering_loss
-from alignkit.models import load_sequence_scorer, load_tokenizer, save_model
-from alignkit.recipes.sft import clear_run, done_step, run_dir_at, split_off, synthetic_records
+from alignkit.data.split import split_off
+from alignkit.data.synthetic import synthetic_records
+from alignkit.models import load_sequence_scorer, load_tokenizer
 from alignkit.rewards.model import META_FILE, RMInput, normalisation_stats, score_batch, score_encoded
-from alignkit.runs import MetricsLogger, RunDir, config_hash, progress, set_seed
-from alignkit.training import (Resumed, build_optimizer, build_scheduler, clip_and_step, restore_training_state,
-                               save_training_state, step_batches, steps_per_epoch, total_steps,
+from alignkit.runs import RunDir, config_hash, run_dir_at
+from alignkit.training import (Engine, build_optimizer, build_scheduler, step_batches, steps_per_epoch, total_steps,
                                trainable_parameters)
 
 STAGE = "rm"
@@ -185,9 +185,30 @@ def score_pairs(model, rm_input: RMInput, data: EncodedPairs, pair_ids: list[int
     return chosen, rejected
 
 
-def evaluate(model, rm_input: RMInput, data: EncodedPairs, batch_size: int) -> tuple[dict, np.ndarray]:
-    """Held-out loss, accuracy (ties wrong) and mean margin; also every text's score."""
-    scores = score_encoded(model, rm_input, data.texts, batch_size)
+@torch.no_grad()
+def evaluate(model, rm_input: RMInput, data: EncodedPairs, batch_size: int,
+             engine=None) -> tuple[dict, np.ndarray]:
+    """Held-out loss, accuracy (ties wrong) and mean margin; also every text's score.
+
+    Each process scores its share of the texts (length-sorted batches carry little
+    padding); every process gets all scores.
+    """
+    from alignkit.training import SingleProcess
+
+    engine = engine or SingleProcess()
+    scorer = engine.unwrap(model)
+    was_training = scorer.training
+    scorer.eval()
+    order = sorted(range(len(data.texts)), key=lambda i: len(data.texts[i]["input_ids"]))
+    mine: list[tuple[int, float]] = []
+    for batch, weight in engine.eval_batches(order, batch_size):
+        scores = score_batch(scorer, rm_input.collate([data.texts[i] for i in batch])).cpu().tolist()
+        if weight:
+            mine += list(zip(batch, scores))
+    scorer.train(was_training)
+    scores = np.zeros(len(data.texts), dtype=np.float64)
+    for i, score in engine.gather(mine):
+        scores[i] = score
     r_c = torch.tensor(scores[data.chosen])
     r_r = torch.tensor(scores[data.rejected])
     _, m = pairwise_loss(r_c, r_r)
@@ -196,22 +217,19 @@ def evaluate(model, rm_input: RMInput, data: EncodedPairs, batch_size: int) -> t
     return metrics, scores
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # --------------------------------------------------------------------------- training
 
 
 def train_rm(cfg: Config, pairs: list[PreferencePair], run_dir: RunDir | str | Path,
-             eval_pairs: list[PreferencePair] | None = None, resume: bool = False) -> Path:
+             eval_pairs: list[PreferencePair] | None = None, resume: bool = False,
+             engine: Engine | None = None) -> Path:
     """Train on ``pairs``; returns the final reward-model folder (``run_dir/final``)."""
     run = run_dir if isinstance(run_dir, RunDir) else run_dir_at(run_dir)
 
     # -- setup: tokenizer, scorer, encoded pairs
-    set_seed(cfg.run.seed)
+    engine = engine or Engine(cfg.train.mixed_precision, seed=cfg.run.seed)
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir, padding_side="right")
-    model = load_sequence_scorer(cfg.model, tokenizer=tok).to(_device())
+    model = engine.place(load_sequence_scorer(cfg.model, tokenizer=tok))
     rm_input = RMInput(tok, cfg.layout, cfg.data.max_length)
     train = encode_pairs(rm_input, pairs, cfg.data.on_error)
     held = encode_pairs(rm_input, eval_pairs, cfg.data.on_error) if eval_pairs else None
@@ -219,94 +237,95 @@ def train_rm(cfg: Config, pairs: list[PreferencePair], run_dir: RunDir | str | P
         held = None
     if not train.units:
         raise AlignkitError("alignkit rm: no usable training pairs")
-    params = trainable_parameters(model)
-    optimizer = build_optimizer(params, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    n_units = len(train.units)
-    last_step = total_steps(n_units, cfg.train)
-    spe = steps_per_epoch(n_units, cfg.train)
+    optimizer = build_optimizer(trainable_parameters(model), cfg.train)
+    model, optimizer, scheduler = engine.prepare(model, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
+    n_units, n_procs = len(train.units), engine.num_processes
+    last_step = total_steps(n_units, cfg.train, n_procs)
+    spe = steps_per_epoch(n_units, cfg.train, n_procs)
     eval_batch = cfg.train.batch_size * 2
-
-    if resume and run.is_done() and done_step(run) == last_step and run.final.exists():
-        print(f"alignkit rm: {run.path} is already complete ({last_step} steps)")
+    start = engine.start(run, cfg, last_step, resume, model)
+    if start.done:
         return run.final
-    if not resume:
-        clear_run(run)
-    start = restore_training_state(run, model, optimizer, scheduler) if resume else Resumed()
-    run.write_config(cfg)
-    logger = MetricsLogger(run, resume_step=start.step if resume else None)
     metrics: dict[str, float] = {}
     held_scores = None
 
     model.train()
-    bar, task = progress(last_step, "rm")
-    with bar:
-        bar.update(task, completed=start.step)
-        for step, micro in step_batches(n_units, cfg.train, cfg.run.seed, start.step):
-            micro_pairs = [[i for u in unit_ids for i in train.units[u]] for unit_ids in micro]
-            n_pairs = sum(len(p) for p in micro_pairs)
-            sums: dict[str, float] = {}
-            for pair_ids in micro_pairs:
-                # 1. score: each distinct completion once
-                r_c, r_r = score_pairs(model, rm_input, train, pair_ids)
-                # 2. Bradley-Terry loss with the optional margin, plus optional centering
-                margin = None
-                if cfg.use_margin:
-                    margin = cfg.margin_scale * torch.tensor([train.margins[i] for i in pair_ids], device=r_c.device)
-                loss, m = pairwise_loss(r_c, r_r, margin)
-                if cfg.centering_coef > 0:
-                    penalty, pm = reward_centering_loss(r_c, r_r)
-                    loss = loss + cfg.centering_coef * penalty
-                    m.update(pm)
-                # 3. backward, weighted by the micro-batch's share of the step's pairs
-                share = len(pair_ids) / n_pairs
-                (loss * share).backward()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v * share
+    bar, task = engine.progress(last_step, "rm")
+    step = start.step + 1
+    try:
+        with bar:
+            bar.update(task, completed=start.step)
+            for step, micro in step_batches(n_units, cfg.train, cfg.run.seed, start.step, n_procs):
+                n_pairs = sum(len(train.units[u]) for unit_ids in micro for u in unit_ids)  # all processes
+                sums: dict[str, float] = {}
+                for share in engine.micro_batches(model, micro):
+                    pair_ids = [i for u in share.items for i in train.units[u]]
+                    # 1. score: each distinct completion once
+                    r_c, r_r = score_pairs(model, rm_input, train, pair_ids)
+                    # 2. Bradley-Terry loss with the optional margin, plus optional centering
+                    margin = None
+                    if cfg.use_margin:
+                        margin = cfg.margin_scale * torch.tensor([train.margins[i] for i in pair_ids],
+                                                                 device=r_c.device)
+                    loss, m = pairwise_loss(r_c, r_r, margin)
+                    if cfg.centering_coef > 0:
+                        penalty, pm = reward_centering_loss(r_c, r_r)
+                        loss = loss + cfg.centering_coef * penalty
+                        m.update(pm)
+                    # 3. backward, weighted by the share's part of the step's pairs
+                    share_of_step = len(pair_ids) / n_pairs * share.weight
+                    engine.backward(loss * share_of_step)
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + v * share_of_step
 
-            # 4. clip and update
-            lr = scheduler.get_last_lr()[0]  # the rate this step used (step() moves it on)
-            grad_norm = clip_and_step(params, optimizer, scheduler, cfg.train.max_grad_norm)
+                # 4. clip, check and update
+                lr, grad_norm = engine.step(model, optimizer, scheduler, cfg.train, step)
 
-            # 5. log, evaluate, checkpoint
-            metrics = {**sums, "pairs": n_pairs, "grad_norm": grad_norm, "lr": lr,
-                       "epoch": step / spe}
-            if held and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == last_step):
-                eval_metrics, held_scores = evaluate(model, rm_input, held, eval_batch)
-                metrics.update(eval_metrics)
-            if step % cfg.train.log_every == 0 or step == last_step or "eval_loss" in metrics:
-                logger.log(step, metrics)
-            if cfg.train.save_every and step % cfg.train.save_every == 0:
-                save_training_state(run, step, model, optimizer, scheduler, cfg.train)
-            bar.update(task, advance=1, info=f"loss {sums['loss']:.3f} acc {sums['accuracy']:.2f}")
-    logger.close()
+                # 5. log, evaluate, checkpoint
+                metrics = {**engine.reduce_sum(sums), "pairs": n_pairs, "grad_norm": grad_norm, "lr": lr,
+                           "epoch": step / spe}
+                if held and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == last_step):
+                    eval_metrics, held_scores = evaluate(model, rm_input, held, eval_batch, engine)
+                    metrics.update(eval_metrics)
+                if step % cfg.train.log_every == 0 or step == last_step or "eval_loss" in metrics:
+                    engine.log(step, metrics)
+                if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == last_step:
+                    engine.save_checkpoint(run, step, cfg.train)
+                bar.update(task, advance=1, info=f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.2f}")
+    except AlignkitError as e:
+        raise engine.stopped(run, step, e) from None
+    finally:
+        engine.close_log()
 
     # -- normalisation statistics on reference responses, then the final model
     if held and held_scores is None:  # resumed at the very end: nothing ran
-        eval_metrics, held_scores = evaluate(model, rm_input, held, eval_batch)
+        eval_metrics, held_scores = evaluate(model, rm_input, held, eval_batch, engine)
         metrics.update(eval_metrics)
     if held_scores is not None:
         reference = held_scores[:cfg.norm_samples]
     else:
         ids = list(range(len(train.texts)))
         random.Random(cfg.run.seed).shuffle(ids)
-        reference = score_encoded(model, rm_input, [train.texts[i] for i in ids[:cfg.norm_samples]], eval_batch)
+        reference = score_encoded(engine.unwrap(model), rm_input, [train.texts[i] for i in ids[:cfg.norm_samples]],
+                                  eval_batch)
     stats = normalisation_stats(reference)
     summary = {"steps": last_step, "train_loss": metrics.get("loss"), "train_accuracy": metrics.get("accuracy"),
                **{k: v for k, v in metrics.items() if k.startswith("eval_")}}
     model.eval()
     meta = {"kind": "reward_model", "backbone": cfg.model.name, "lora": cfg.model.lora.enabled,
             "input": rm_input.describe(), **stats, "config_hash": config_hash(cfg), **summary}
-    save_model(model, tok, run.final, extra=meta)
-    run.mark_done(summary)
+    engine.save_final(model, tok, run.final, extra=meta)
+    engine.finish(run, summary)
     return run.final
 
 
 def main(cfg: Config, resume: bool = False) -> Path:
     pairs, eval_pairs = load_pairs(cfg)
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
-    final = train_rm(cfg, pairs, run, eval_pairs=eval_pairs, resume=resume)
-    meta = json.loads((final / META_FILE).read_text())
-    shown = ", ".join(f"{k} {meta[k]:.3f}" for k in ("eval_accuracy", "eval_margin") if meta.get(k) is not None)
-    print(f"alignkit rm: {len(pairs)} pairs -> {final}" + (f" ({shown})" if shown else ""))
+    engine = Engine(cfg.train.mixed_precision, seed=cfg.run.seed)
+    final = train_rm(cfg, pairs, run, eval_pairs=eval_pairs, resume=resume, engine=engine)
+    if engine.is_main:
+        meta = json.loads((final / META_FILE).read_text())
+        shown = ", ".join(f"{k} {meta[k]:.3f}" for k in ("eval_accuracy", "eval_margin") if meta.get(k) is not None)
+        print(f"alignkit rm: {len(pairs)} pairs -> {final}" + (f" ({shown})" if shown else ""))
     return final

@@ -24,25 +24,23 @@ examples with :func:`train_sft`.
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl
 
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, opt
 from alignkit.data.collate import Encoded, collate, encode_example, shift_for_lm
 from alignkit.data.formats import SFTExample, load_sft, parse_sft
-from alignkit.data.io import ErrorPolicy, Record
+from alignkit.data.io import ErrorPolicy
+from alignkit.data.split import split_off
+from alignkit.data.synthetic import synthetic_records
 from alignkit.errors import AlignkitError, ConfigError, DataError
 from alignkit.losses import sft_loss
-from alignkit.models import load_causal_lm, load_tokenizer, save_model
-from alignkit.runs import MetricsLogger, RunDir, config_hash, progress, set_seed
-from alignkit.training import (Resumed, build_optimizer, build_scheduler, clip_and_step, restore_training_state,
-                               save_training_state, step_batches, steps_per_epoch, total_steps,
+from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.runs import RunDir, config_hash, run_dir_at
+from alignkit.training import (Engine, build_optimizer, build_scheduler, step_batches, steps_per_epoch, total_steps,
                                trainable_parameters)
 
 STAGE = "sft"
@@ -58,47 +56,6 @@ class Config:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def synthetic_records(spec: str, as_sft: bool = False) -> list[Record]:
-    """Records generated in code: ``synthetic:polite_vs_rude`` or ``synthetic:rankings``.
-
-    Options go in a query string (``?n=2000&seed=0``, ``&k=4`` for rankings). With
-    ``as_sft`` a pair becomes the demonstration ``{prompt, completion: chosen}``.
-    """
-    from alignkit.data import synthetic
-
-    name, _, query = spec.removeprefix("synthetic:").partition("?")
-    options = dict(parse_qsl(query))
-    try:
-        n, seed, k = int(options.pop("n", 2000)), int(options.pop("seed", 0)), int(options.pop("k", 4))
-    except ValueError:
-        raise AlignkitError(f"{spec}: n, seed and k must be whole numbers") from None
-    if options:
-        raise AlignkitError(f"{spec}: unknown option(s) {', '.join(options)}; known: n, seed, k")
-    if name == "polite_vs_rude":
-        rows = synthetic.polite_vs_rude_pairs(n, seed)
-        if as_sft:
-            rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
-    elif name == "rankings" and not as_sft:
-        rows = synthetic.ranking_records(n, k, seed)
-    else:
-        known = "synthetic:polite_vs_rude" + ("" if as_sft else ", synthetic:rankings")
-        raise AlignkitError(f"unknown synthetic data set '{spec}'; known: {known}")
-    return [Record(f"synthetic:{name}", f"item {i}", row) for i, row in enumerate(rows)]
-
-
-def split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held-out): a seeded random ``fraction`` held out, at least one item each."""
-    if fraction <= 0:
-        return items, []
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max(1, round(len(items) * fraction)), len(items) - 1)
-    if n_eval < 1:
-        raise AlignkitError(f"data.eval_fraction={fraction}: {len(items)} item(s) are too few to hold any out")
-    held = set(order[:n_eval])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def _load_sft(path: str, data: DataConfig) -> list[SFTExample]:
@@ -180,6 +137,11 @@ def collate_packed(rows: list[PackedRow], pad_id: int) -> tuple[dict, torch.Tens
     return inputs, torch.tensor(mask)
 
 
+def loss_tokens(unit) -> int:
+    """How many of an example's (or packed row's) tokens carry loss (token 0 predicts nothing)."""
+    return sum(unit.response_mask[1:])
+
+
 def make_batch(units: list, pad_id: int) -> tuple[dict, torch.Tensor]:
     """(model inputs, response mask) for a list of Encoded examples or PackedRows."""
     if isinstance(units[0], PackedRow):
@@ -197,17 +159,24 @@ def response_nll(model, inputs: dict, response_mask: torch.Tensor, num_tokens: f
 
 
 @torch.no_grad()
-def evaluate(model, units: list, pad_id: int, batch_size: int) -> dict[str, float]:
-    """Held-out loss (mean NLL per response token) and perplexity."""
+def evaluate(model, units: list, pad_id: int, batch_size: int, engine=None) -> dict[str, float]:
+    """Held-out loss (mean NLL per response token) and perplexity; each process takes its share."""
+    from alignkit.training import SingleProcess
+
+    engine = engine or SingleProcess()
     was_training = model.training
     model.eval()
+    scorer = engine.unwrap(model)
     total_nll, total_tokens = 0.0, 0.0
-    for start in range(0, len(units), batch_size):
-        inputs, mask = make_batch(units[start:start + batch_size], pad_id)
+    for batch, weight in engine.eval_batches(units, batch_size):
+        inputs, mask = make_batch(batch, pad_id)
         # num_tokens=1 turns the token mean into the sum, so batches add up exactly.
-        nll_sum, m = response_nll(model, inputs, mask, num_tokens=1)
-        total_nll += float(nll_sum)
-        total_tokens += m["tokens"]
+        nll_sum, m = response_nll(scorer, inputs, mask, num_tokens=1)
+        total_nll += float(nll_sum) * weight
+        total_tokens += m["tokens"] * weight
+    if engine.num_processes > 1:
+        sums = engine.reduce_sum({"nll": total_nll, "tokens": total_tokens})
+        total_nll, total_tokens = sums["nll"], sums["tokens"]
     model.train(was_training)
     mean = total_nll / max(total_tokens, 1.0)
     return {"eval_loss": mean, "eval_perplexity": float(torch.tensor(mean).exp()), "eval_tokens": total_tokens}
@@ -216,34 +185,23 @@ def evaluate(model, units: list, pad_id: int, batch_size: int) -> dict[str, floa
 # --------------------------------------------------------------------------- training
 
 
-def run_dir_at(path: str | Path) -> RunDir:
-    """A RunDir whose folder is exactly ``path`` (for recipes that nest SFT in their own run)."""
-    p = Path(path)
-    return RunDir(str(p.parent), p.name, "")
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | Path,
               eval_examples: list[SFTExample] | None = None, resume: bool = False,
-              model=None, tokenizer=None) -> Path:
+              model=None, tokenizer=None, engine: Engine | None = None) -> Path:
     """Fine-tune on ``examples``; returns the final model folder (``run_dir/final``).
 
     ``model``/``tokenizer`` default to ``cfg.model`` loaded fresh; pass them to
-    fine-tune a model already in memory (it is trained in place).
+    fine-tune a model already in memory (it is trained in place: the unwrapped
+    weights are the caller's). ``engine`` defaults to a new one for ``cfg.train``.
     """
     run = run_dir if isinstance(run_dir, RunDir) else run_dir_at(run_dir)
     if not examples:
         raise AlignkitError("alignkit sft: no training examples")
 
     # -- setup: tokenizer, model, encoded data
-    set_seed(cfg.run.seed)
+    engine = engine or Engine(cfg.train.mixed_precision, seed=cfg.run.seed)
     tok = tokenizer or load_tokenizer(cfg.model.name, cfg.model.cache_dir)
-    if model is None:
-        model = load_causal_lm(cfg.model, tokenizer=tok)
-    model.to(_device())
+    model = engine.place(model if model is not None else load_causal_lm(cfg.model, tokenizer=tok))
     train_units: list = encode_all(tok, examples, cfg.data.max_length, cfg.data.on_error)
     eval_units: list = encode_all(tok, eval_examples or [], cfg.data.max_length, cfg.data.on_error)
     if not train_units:
@@ -256,87 +214,73 @@ def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | P
         train_units = pack([train_units[i] for i in order], cfg.data.max_length)
         eval_units = pack(eval_units, cfg.data.max_length)
     pad_id = tok.pad_token_id
-    params = trainable_parameters(model)
-    optimizer = build_optimizer(params, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    last_step = total_steps(len(train_units), cfg.train)
-
-    if resume and run.is_done() and done_step(run) == last_step and run.final.exists():
-        print(f"alignkit sft: {run.path} is already complete ({last_step} steps)")
+    optimizer = build_optimizer(trainable_parameters(model), cfg.train)
+    model, optimizer, scheduler = engine.prepare(model, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
+    n_procs = engine.num_processes
+    last_step = total_steps(len(train_units), cfg.train, n_procs)
+    spe = steps_per_epoch(len(train_units), cfg.train, n_procs)
+    start = engine.start(run, cfg, last_step, resume, model)
+    if start.done:
         return run.final
-    if not resume:
-        clear_run(run)
-    start = restore_training_state(run, model, optimizer, scheduler) if resume else Resumed()
-    run.write_config(cfg)
-    logger = MetricsLogger(run, resume_step=start.step if resume else None)
     eval_every = cfg.train.eval_every
-    spe = steps_per_epoch(len(train_units), cfg.train)
     metrics: dict[str, float] = {}
 
     model.train()
-    bar, task = progress(last_step, "sft")
-    with bar:
-        bar.update(task, completed=start.step)
-        for step, micro in step_batches(len(train_units), cfg.train, cfg.run.seed, start.step):
-            # 1. collate the micro-batches; the step's response-token count is the
-            #    loss denominator, so 1 x 8 and 8 x 1 accumulation give one gradient
-            batches = [make_batch([train_units[i] for i in idx], pad_id) for idx in micro]
-            num_tokens = sum(float(mask[:, 1:].sum()) for _, mask in batches)
+    bar, task = engine.progress(last_step, "sft")
+    step = start.step + 1
+    try:
+        with bar:
+            bar.update(task, completed=start.step)
+            for step, micro in step_batches(len(train_units), cfg.train, cfg.run.seed, start.step, n_procs):
+                # 1. the step's response-token count (all micro-batches, all processes) is the
+                #    loss denominator, so 1 x 8 and 8 x 1 accumulation, or 2 processes x 4,
+                #    give one gradient
+                num_tokens = float(sum(loss_tokens(train_units[i]) for idx in micro for i in idx))
 
-            # 2. forward + backward per micro-batch (sum of NLL / step tokens)
-            step_loss = 0.0
-            for inputs, mask in batches:
-                loss, _ = response_nll(model, inputs, mask, num_tokens=num_tokens)
-                loss.backward()
-                step_loss += float(loss.detach())
+                # 2. forward + backward of this process's share of each micro-batch (sum of NLL / step tokens)
+                step_loss = 0.0
+                for share in engine.micro_batches(model, micro):
+                    inputs, mask = make_batch([train_units[i] for i in share.items], pad_id)
+                    loss, _ = response_nll(model, inputs, mask, num_tokens=num_tokens)
+                    engine.backward(loss * share.weight)
+                    step_loss += float(loss.detach()) * share.weight
 
-            # 3. clip and update
-            lr = scheduler.get_last_lr()[0]  # the rate this step used (step() moves it on)
-            grad_norm = clip_and_step(params, optimizer, scheduler, cfg.train.max_grad_norm)
+                # 3. clip, check and update
+                lr, grad_norm = engine.step(model, optimizer, scheduler, cfg.train, step)
 
-            # 4. log, evaluate, checkpoint
-            metrics = {"loss": step_loss, "perplexity": float(torch.tensor(step_loss).exp()),
-                       "tokens": num_tokens, "grad_norm": grad_norm, "lr": lr,
-                       "epoch": step / spe}
-            if eval_units and ((eval_every and step % eval_every == 0) or step == last_step):
-                metrics.update(evaluate(model, eval_units, pad_id, cfg.train.batch_size))
-            if step % cfg.train.log_every == 0 or step == last_step or "eval_loss" in metrics:
-                logger.log(step, metrics)
-            if cfg.train.save_every and step % cfg.train.save_every == 0:
-                save_training_state(run, step, model, optimizer, scheduler, cfg.train)
-            bar.update(task, advance=1, info=f"loss {step_loss:.3f}")
+                # 4. log, evaluate, checkpoint
+                step_loss = engine.reduce_sum({"loss": step_loss})["loss"]
+                metrics = {"loss": step_loss, "perplexity": float(torch.tensor(step_loss).exp()),
+                           "tokens": num_tokens, "grad_norm": grad_norm, "lr": lr, "epoch": step / spe}
+                if eval_units and ((eval_every and step % eval_every == 0) or step == last_step):
+                    metrics.update(evaluate(model, eval_units, pad_id, cfg.train.batch_size, engine))
+                if step % cfg.train.log_every == 0 or step == last_step or "eval_loss" in metrics:
+                    engine.log(step, metrics)
+                if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == last_step:
+                    engine.save_checkpoint(run, step, cfg.train)
+                bar.update(task, advance=1, info=f"loss {step_loss:.3f}")
+    except AlignkitError as e:
+        raise engine.stopped(run, step, e) from None
+    finally:
+        engine.close_log()
 
     # -- the final model (the last step logged the held-out loss)
-    logger.close()
     if eval_units and "eval_loss" not in metrics:  # resumed at the very end: nothing ran
-        metrics.update(evaluate(model, eval_units, pad_id, cfg.train.batch_size))
+        metrics.update(evaluate(model, eval_units, pad_id, cfg.train.batch_size, engine))
     summary = {"steps": last_step, "train_loss": metrics.get("loss"),
                **{k: v for k, v in metrics.items() if k.startswith("eval_")}}
     model.eval()
-    save_model(model, tok, run.final, extra={"kind": "sft", "base": cfg.model.name, "lora": cfg.model.lora.enabled,
-                                             "config_hash": config_hash(cfg), **summary})
-    run.mark_done(summary)
+    engine.save_final(model, tok, run.final, extra={"kind": "sft", "base": cfg.model.name,
+                                                    "lora": cfg.model.lora.enabled,
+                                                    "config_hash": config_hash(cfg), **summary})
+    engine.finish(run, summary)
     return run.final
-
-
-def clear_run(run: RunDir) -> None:
-    """A fresh start in a used folder: drop its checkpoints and DONE, so a later
-    ``--resume`` cannot pick up a checkpoint of the earlier run."""
-    shutil.rmtree(run.checkpoints, ignore_errors=True)
-    (run.path / "DONE").unlink(missing_ok=True)
-
-
-def done_step(run: RunDir) -> int | None:
-    """The step count a finished run recorded in DONE (None when unfinished)."""
-    try:
-        return json.loads((run.path / "DONE").read_text()).get("steps")
-    except (OSError, ValueError):
-        return None
 
 
 def main(cfg: Config, resume: bool = False) -> Path:
     examples, eval_examples = load_demonstrations(cfg.data, cfg.run.seed)
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
-    final = train_sft(cfg, examples, run, eval_examples=eval_examples, resume=resume)
-    print(f"alignkit sft: {len(examples)} examples -> {final}")
+    engine = Engine(cfg.train.mixed_precision, seed=cfg.run.seed)
+    final = train_sft(cfg, examples, run, eval_examples=eval_examples, resume=resume, engine=engine)
+    engine.print(f"alignkit sft: {len(examples)} examples -> {final}")
     return final

@@ -79,14 +79,6 @@ def build_reward(spec: Any, **ctx) -> RewardFn:
     return _FACTORIES[prefix](arg, **ctx)
 
 
-def prompt_text(messages: Messages) -> str:
-    """The last user turn of a prompt (what classifiers and judges read)."""
-    for m in reversed(messages):
-        if m["role"] == "user":
-            return m["content"]
-    return messages[-1]["content"]
-
-
 def check_scores(name: str, scores: Any, n: int) -> np.ndarray:
     """Scores as float64 (B,); a wrong count or a non-finite value is an error, never a zero."""
     arr = np.asarray(scores, dtype=np.float64).reshape(-1)

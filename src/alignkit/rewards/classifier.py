@@ -76,7 +76,8 @@ class ClassifierReward:
             raise AlignkitError(f"classifier reward: cannot load '{model}': {str(e).splitlines()[0]}") from None
         self.model.requires_grad_(False)
         self.model.eval()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # The stage's engine device when a recipe builds it; where it loaded (the CPU) otherwise.
+        self.device = torch.device(device or "cpu")
         self.model.to(self.device)
         if self.tokenizer.pad_token is None:
             # Decoder classifiers often ship without one; EOS is never read as content here.
@@ -137,4 +138,4 @@ class ClassifierReward:
 @register("classifier")
 def _classifier(arg: str, **ctx):
     model, label, output = parse_spec(arg)
-    return ClassifierReward(model, label, output, batch_size=int(ctx.get("batch_size", 32)))
+    return ClassifierReward(model, label, output, batch_size=int(ctx.get("batch_size", 32)), device=ctx.get("device"))

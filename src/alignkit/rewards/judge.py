@@ -57,12 +57,12 @@ def _judge(arg: str, **ctx) -> JudgeReward:
     cfg = JudgeConfig(template=template or "quality")
     if model:
         cfg.model.name = model
-    return JudgeReward(build_judge(cfg), f"judge:{arg}")
+    return JudgeReward(build_judge(cfg, device=ctx.get("device")), f"judge:{arg}")
 
 
 @register_mapping("judge")
 def _judge_mapping(value, **ctx) -> JudgeReward:
     if isinstance(value, str):
-        return _judge(value)
+        return _judge(value, **ctx)
     cfg = build(JudgeConfig, value, "reward spec", "judge.")
-    return JudgeReward(build_judge(cfg), f"judge:{cfg.template}@{cfg.model.name}")
+    return JudgeReward(build_judge(cfg, device=ctx.get("device")), f"judge:{cfg.template}@{cfg.model.name}")
