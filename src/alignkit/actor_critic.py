@@ -28,6 +28,10 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+        # FSDP wraps each decoder layer of the models inside (what transformers calls _no_split_modules).
+        self._no_split_modules = sorted({name for m in (policy, value_model) if m is not None
+                                         for module in m.modules()
+                                         for name in (getattr(module, "_no_split_modules", None) or [])})
         if value_model is None:
             self.value_head = nn.Linear(policy.config.hidden_size, 1)
             # Zero: values start at 0 and the first value-loss gradients leave the trunk alone.

@@ -79,13 +79,33 @@ def run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return run(argv)
+        code = run(argv)
     except AlignkitError as e:
-        print(f"alignkit: error: {e}", file=sys.stderr)
+        print(f"{_process_prefix()}alignkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("alignkit: interrupted", file=sys.stderr)
+        print(f"{_process_prefix()}alignkit: interrupted", file=sys.stderr)
         return 130
+    _leave_process_group()
+    return code
+
+
+def _process_prefix() -> str:
+    """``[process N] `` in the processes other than the main one of a launch, else nothing."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+        return f"[process {rank}] " if rank else ""
+    return ""
+
+
+def _leave_process_group() -> None:
+    """Under accelerate launch / torchrun: leave together, so that no process tears the
+    group down while another still uses it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

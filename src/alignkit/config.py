@@ -103,8 +103,9 @@ class TrainConfig:
     eval_every: int = opt(0, ge=0, help="0: only at the end")
     save_every: int = opt(0, ge=0, help="checkpoint every N steps; 0: only at the end")
     keep_checkpoints: int = opt(2, ge=1)
-    mixed_precision: str = opt("no", choices=("no", "bf16", "fp16"),
-                               help="autocast forwards with fp32 master weights; fp16 adds loss scaling")
+    mixed_precision: str | None = opt(None, choices=("no", "bf16", "fp16"),
+                                      help="autocast forwards with fp32 master weights; fp16 adds loss scaling; "
+                                           "null: the launch's (accelerate launch --mixed_precision), else no")
     gradient_checkpointing: bool = opt(False, help="recompute activations in the backward pass: less memory, "
                                                    "about a third more compute")
 

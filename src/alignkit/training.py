@@ -181,10 +181,9 @@ def _accelerator_available() -> bool:
 class Engine:
     """Devices, mixed precision and processes for one stage, over ``accelerate.Accelerator``."""
 
-    def __init__(self, mixed_precision: str = "no", seed: int = 0):
+    def __init__(self, mixed_precision: str | None = None, seed: int = 0):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedDataParallelKwargs
 
         # One Accelerator per stage; a pipeline runs several stages in one process,
         # each with its own precision. The process group (PartialState) is kept.
@@ -192,22 +191,9 @@ class Engine:
         # Without a GPU, accelerate runs several processes only when told it is on
         # the CPU (gloo); otherwise each process would think it is alone.
         cpu = not _accelerator_available()
-        # broadcast_buffers=False: buffers here are fixed (rotary tables), and a
-        # broadcast per forward would be a hidden collective in every forward.
-        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
-                                       step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
-        if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.num_processes > 1:
-            # accelerate turns FSDP on for accelerator devices only; on CPU it would
-            # silently fall back to DDP, which is not what the launch config asked for.
-            raise ConfigError("FSDP needs GPUs (accelerate runs FSDP on accelerator devices only); "
-                              "on CPU use configs/accelerate/ddp.yaml")
-        if mixed_precision == "fp16" and self.device.type == "cpu":
-            # accelerate leaves fp16 off on the CPU; torch has fp16 autocast and a
-            # GradScaler there, so fp16 means the same thing on every device.
-            self.accelerator.scaler = torch.amp.GradScaler("cpu")
-            self.accelerator.native_amp = True
-        self.mixed_precision = mixed_precision
+        # mixed_precision None: what the launch says (accelerate launch --mixed_precision, its config file)
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
+        self.mixed_precision = str(self.accelerator.mixed_precision)
         self._finite = True
         # Read once: a later stage's Engine resets accelerate's shared state, and an
         # engine that outlives it (best-of-n's, around each round's fine-tuning) must
@@ -219,6 +205,16 @@ class Engine:
         self.is_main = self.accelerator.is_main_process
         self.distributed_type = str(self.accelerator.distributed_type.value)
         self.sharded = self._sharded()
+        if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.num_processes > 1:
+            # accelerate turns FSDP on for accelerator devices only; on CPU it would
+            # silently fall back to DDP, which is not what the launch config asked for.
+            raise ConfigError("FSDP needs GPUs (accelerate runs FSDP on accelerator devices only); "
+                              "on CPU use configs/accelerate/ddp.yaml")
+        if self.mixed_precision == "fp16" and self.device.type == "cpu":
+            # accelerate leaves fp16 off on the CPU; torch has fp16 autocast and a
+            # GradScaler there, so fp16 means the same thing on every device.
+            self.accelerator.scaler = torch.amp.GradScaler("cpu")
+            self.accelerator.native_amp = True
         set_seed(seed)
 
     # -- where and who
@@ -254,6 +250,13 @@ class Engine:
                               f"(with LoRA a bfloat16 base is fine: the adapter stays float32)")
         if train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.distributed_type == "DEEPSPEED" and plugin is not None:
+            # DeepSpeed clips inside its step and wants a micro-batch size for its bookkeeping;
+            # alignkit accumulates itself (the boundary comes from sync_gradients).
+            plugin.deepspeed_config["gradient_clipping"] = train.max_grad_norm
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train.batch_size
+            plugin.deepspeed_config["gradient_accumulation_steps"] = 1
         return self.accelerator.prepare(model, optimizer, scheduler)
 
     def unwrap(self, model):
@@ -469,6 +472,7 @@ class Engine:
             self.accelerator.save_state(str(tmp), safe_serialization=True)
         finally:
             handle.remove()
+        self.wait()  # every process has written its part (its RNG state) before the folder is renamed
         if self.is_main:
             (tmp / CHECKPOINT_META).write_text(json.dumps({"step": step, "time": time.time(), "extra": extra or {}}))
             if final.exists():
@@ -537,6 +541,7 @@ def eval_batches(mine: list, batch_size: int, count: int, stand_in: list) -> Ite
 class SingleProcess:
     """What sampling and evaluation code needs of an Engine, for one process with models where they are."""
 
+    mixed_precision = "no"
     num_processes = 1
     process_index = 0
     is_main = True
@@ -602,8 +607,15 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
             found = True
-            if not module.is_gradient_checkpointing:
+            # transformers 5.x renamed gradient checkpointing to activation checkpointing
+            on = getattr(module, "is_activation_checkpointing", None)
+            on = on if on is not None else module.is_gradient_checkpointing
+            if not on:
                 # Non-reentrant: works with frozen inputs (LoRA) and no_sync.
-                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                kwargs = {"use_reentrant": False}
+                if hasattr(module, "activation_checkpointing_enable"):
+                    module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                else:
+                    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if not found:
         raise ConfigError("train.gradient_checkpointing: this model does not support gradient checkpointing")

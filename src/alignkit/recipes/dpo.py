@@ -287,12 +287,12 @@ def compute_reference_logps(model, examples: list[Example], pad_id: int, batch_s
     return {"a": a, "b": b}
 
 
-def reference_key(cfg: Config, model, splits: dict[str, list[Example]]) -> str:
+def reference_key(cfg: Config, model, splits: dict[str, list[Example]], mixed_precision: str = "no") -> str:
     """What the cached reference depends on: the exact token ids, the model, its initial weights
     and the forward precision."""
     h = hashlib.sha256()
     h.update(json.dumps({"model": to_dict(cfg.model), "average": cfg.loss.average_logprobs,
-                         "mixed_precision": cfg.train.mixed_precision}, sort_keys=True).encode())
+                         "mixed_precision": mixed_precision}, sort_keys=True).encode())
     for name, examples in splits.items():
         h.update(name.encode())
         for e in examples:
@@ -311,7 +311,7 @@ def cached_reference_logps(cfg: Config, run: RunDir, model, pad_id: int, splits:
 
     engine = engine or SingleProcess()
     path = run.path / REF_CACHE
-    key = reference_key(cfg, engine.unwrap(model), splits)
+    key = reference_key(cfg, engine.unwrap(model), splits, getattr(engine, "mixed_precision", "no"))
     if path.exists():
         with safe_open(str(path), "pt") as f:
             stored = (f.metadata() or {}).get("key")
