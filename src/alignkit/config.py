@@ -185,6 +185,9 @@ def build(cls: type[T], raw: dict, source: str, prefix: str = "") -> T:
 
 
 def _convert(tp: Any, value: Any, source: str, key: str, meta: typing.Mapping) -> Any:
+    choices = meta.get("choices")
+    if isinstance(value, bool) and choices and ("yes" if value else "no") in choices:
+        value = "yes" if value else "no"  # YAML 1.1 reads a bare no / off as false
     value = _coerce(tp, value, source, key)
     if value is None:
         return None
@@ -193,7 +196,6 @@ def _convert(tp: Any, value: Any, source: str, key: str, meta: typing.Mapping) -
         b = meta.get(bound)
         if b is not None and not ok(value, b):
             raise ConfigError(f"{source}: '{key}' must be {word} {b}, got {value!r}")
-    choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{source}: '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value

@@ -271,7 +271,13 @@ def _tiny_llama(name: str, tok, seed: int, auto_cls, attn_implementation: str | 
                          pad_token_id=tok.pad_token_id, **kw)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _seeded(seed):
-        return auto_cls.from_config(config, **extra)
+        try:
+            return auto_cls.from_config(config, **extra)
+        except (ImportError, ValueError) as e:
+            if not extra:
+                raise
+            raise AlignkitError(f"model.attn_implementation={attn_implementation!r} for '{name}': "
+                                f"{str(e).splitlines()[0]}") from None
 
 
 @contextlib.contextmanager
