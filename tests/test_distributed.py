@@ -166,6 +166,27 @@ def test_sft_two_processes_equal_one_with_twice_the_batch_and_resume_after_a_kil
     assert out.count("alignkit sft:") == 1  # one process prints
 
 
+def test_two_machines_of_one_process_each_equal_one_process(tmp_path):
+    # The README's two-machine command, both "machines" on this host, one process each, the run
+    # folder shared: the same run as one process with the batch of both.
+    shared = ["--config", str(CONFIGS / "sft-tiny.yaml"), "train.max_steps=3", "train.learning_rate=1e-4"]
+    assert cli.main(["sft", *shared, f"run.output_dir={tmp_path / 'one'}", "train.batch_size=4"]) == 0
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(CONFIGS / "accelerate" / "ddp.yaml"), "--num_machines", "2", "--machine_rank",
+                               str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                               "--num_processes", "2", "-m", "alignkit.cli", "sft", *shared,
+                               f"run.output_dir={tmp_path / 'two'}", "train.batch_size=2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+             for rank in (0, 1)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    one, two = tmp_path / "one" / "tiny" / "sft", tmp_path / "two" / "tiny" / "sft"
+    assert_same_curve(one, two, ("loss", "tokens", "grad_norm", "eval_loss"))
+    assert_same_weights(one / "final", two / "final")
+
+
 def test_rm_two_processes_equal_one_with_twice_the_batch_and_resume_after_a_kill(tmp_path):
     shared = ["train.max_steps=8", "train.save_every=1", "train.eval_every=4", "train.learning_rate=2e-5"]
     one, two, _ = one_then_two(tmp_path, "rm", "rm-tiny.yaml", ["train.batch_size=8"], ["train.batch_size=4"], shared)

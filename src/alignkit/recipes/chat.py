@@ -33,12 +33,15 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
+    from alignkit.training import Engine
+
+    engine = Engine(seed=args.seed)
     cfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(cfg.name, cfg.cache_dir)
-    model = load_causal_lm(cfg, trainable=False, tokenizer=tok)
+    model = engine.place(load_causal_lm(cfg, trainable=False, tokenizer=tok))
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            do_sample=not args.greedy, batch_size=getattr(args, "batch_size", 16))
-    return model, tok, gen
+    return model, tok, gen, engine
 
 
 def chat(argv: list[str]) -> int:
@@ -47,7 +50,7 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("prompt", nargs="*", help="the message; without one, read messages from stdin")
     args = p.parse_args(argv)
-    model, tok, gen = _load(args)
+    model, tok, gen, _ = _load(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(text: str) -> str:
@@ -90,16 +93,19 @@ def generate_cli(argv: list[str]) -> int:
     if args.best_of and not args.reward:
         raise AlignkitError("--best-of needs --reward SPEC")
     prompts = load_prompts(args.prompts, split=args.split, kind=args.kind, limit=args.limit)
-    model, tok, gen = _load(args)
+    model, tok, gen, engine = _load(args)
     n = args.best_of or args.n
-    gens = generate(model, tok, [q.prompt for q in prompts], gen, n=n, seed=args.seed)
+    # under accelerate launch / torchrun each process samples its share; the main one writes
+    gens = generate(model, tok, [q.prompt for q in prompts], gen, n=n, seed=args.seed, engine=engine)
+    if not engine.is_main:
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     reward = None
     if args.best_of:
         from alignkit.rewards import build_reward
 
-        reward = build_reward(args.reward)
+        reward = build_reward(args.reward, device=engine.device)
     with out.open("w") as f:
         for i, q in enumerate(prompts):
             texts = [g.text for g in gens[i * n:(i + 1) * n]]

@@ -18,6 +18,12 @@ Details of RLHF with PPO" (Huang et al. 2024):
 5. update: ``ppo.ppo_epochs`` passes over shuffled minibatches, gradient
    accumulation, clipping; loss = policy + vf_coef * value - ent_coef * entropy.
 
+Under ``accelerate launch`` / ``torchrun`` each process samples and scores its
+share of the prompts (``ppo.rollout_batch_size`` and ``ppo.minibatch_size`` are
+per process) and every process then holds the whole rollout: the KL controller,
+the advantage whitening and the token counts that normalise the losses are the
+global ones, so N processes x batch b make the update 1 process x batch N*b makes.
+
 The critic is a value head on the policy's own trunk (``value.mode: shared``: one
 forward gives logits and values) or a separate model (``value.mode: separate``)
 initialised from a reward model (``value.init: runs/NAME/rm/final``). The reference
@@ -42,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.actor_critic import ActorCritic, reference_forward, token_values  # noqa: F401 (token_values: API)
+from alignkit.actor_critic import ActorCritic, reference_forward
 from alignkit.advantages import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_shaped_rewards,
                                  masked_mean, masked_whiten)
 from alignkit.config import DataConfig, GenerationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, opt

@@ -192,9 +192,11 @@ def make_server(argv: list[str]):
     if not loopback and not api_key:
         print(f"alignkit serve: warning: listening on {args.host} without --api-key-env; anyone who can reach "
               f"this port can use the model")
+    from alignkit.training import Engine
+
     cfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(cfg.name, cfg.cache_dir)
-    model = load_causal_lm(cfg, trainable=False, tokenizer=tok)
+    model = Engine().place(load_causal_lm(cfg, trainable=False, tokenizer=tok))
     app = create_app(model, tok, args.name or args.model, args.max_tokens_limit, args.default_max_tokens, api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     return uvicorn.Server(config)

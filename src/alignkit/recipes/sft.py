@@ -19,7 +19,9 @@ not the loss.
 Output ``runs/NAME/sft/final``: merged weights that load with
 ``AutoModelForCausalLM.from_pretrained``, plus ``adapter/`` (a peft adapter) with
 LoRA. Other recipes (best-of-N, Constitutional AI) fine-tune on in-memory
-examples with :func:`train_sft`.
+examples with :func:`train_sft`. Devices, precision and processes are the
+engine's (:mod:`alignkit.training`): ``accelerate launch ... -m alignkit.cli sft``
+runs the same loop on N GPUs, ``train.batch_size`` per process.
 """
 
 from __future__ import annotations
