@@ -344,3 +344,22 @@ def test_a_gathered_state_dict_saves_the_same_model(tmp_path, tiny_tokenizer, lo
     assert (tmp_path / "gathered" / "adapter").exists() == lora
     with pytest.raises(Exception, match="do not match"):
         save_model(model, tiny_tokenizer, tmp_path / "bad", state_dict={"nonsense": torch.zeros(1)})
+
+
+def test_resuming_another_models_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    args = ["sft", "--config", TINY_SFT, f"run.output_dir={tmp_path}", "train.save_every=2"]
+    assert cli.main(args + ["train.max_steps=2"]) == 0
+    (tmp_path / "tiny" / "sft" / "DONE").unlink()
+    capsys.readouterr()
+    assert cli.main(args + ["train.max_steps=4", "model.lora.enabled=true", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints/step-000002" in err and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_holds_the_trainable_weights_under_plain_names(tmp_path):
+    from safetensors.torch import load_file
+
+    assert cli.main(["sft", "--config", TINY_SFT, f"run.output_dir={tmp_path}", "model.lora.enabled=true",
+                     "train.max_steps=2", "train.save_every=2"]) == 0
+    saved = load_file(tmp_path / "tiny" / "sft" / "checkpoints" / "step-000002" / "model.safetensors")
+    assert saved and all("lora_" in k and not k.startswith("module.") for k in saved)  # the adapter, not the base

@@ -422,7 +422,7 @@ class Engine:
 
     # -- the run folder
 
-    def start(self, run: RunDir, cfg: Any, last_step: int, resume: bool, model=None) -> Start:
+    def start(self, run: RunDir, cfg: Any, last_step: int, resume: bool, model) -> Start:
         """The one rule for done / fresh / resumed runs.
 
         - ``--resume`` on a run whose DONE records ``last_step`` steps and whose
@@ -443,7 +443,7 @@ class Engine:
             self.wait()
             start = Start()
         else:
-            start = self.load_checkpoint(run)
+            start = self.load_checkpoint(run, model)
         if self.is_main:
             run.write_config(cfg)
         self._logger = self.open_log(run, resume_step=start.step if resume else None)
@@ -483,14 +483,18 @@ class Engine:
         self.wait()
         return final
 
-    def load_checkpoint(self, run: RunDir) -> Start:
+    def load_checkpoint(self, run: RunDir, model=None) -> Start:
+        """The latest checkpoint into the prepared model, optimizer, scheduler and RNGs (step 0 when none)."""
         path = latest_checkpoint(run)
         if path is None:
             return Start()
         try:
             meta = json.loads((path / CHECKPOINT_META).read_text())
-            # strict=False: a checkpoint holds the trainable weights only (see save_checkpoint).
+            # Optimizer, scheduler, RNG states (and sharded models) through accelerate; strict=False
+            # because an unsharded model's file holds its trainable weights only, loaded just below.
             self.accelerator.load_state(str(path), strict=False)
+            if model is not None and not self.sharded:
+                _load_trainable(self.unwrap(model), path / "model.safetensors")
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise AlignkitError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
         return Start(int(meta["step"]), meta.get("extra") or {})
@@ -583,13 +587,28 @@ class SingleProcess:
 
 
 def _trainable_weights_only(models, weights, output_dir) -> None:
-    """accelerate's save hook: keep each unsharded model's trainable weights only."""
-    for i, model in enumerate(models):
-        if i >= len(weights):
-            break
-        # Both name the wrapped model's weights (DDP's "module." prefix included).
-        names = {name for name, p in model.named_parameters() if p.requires_grad}
-        weights[i] = {k: v for k, v in weights[i].items() if k in names}
+    """accelerate's save hook: each unsharded model's trainable weights only, under the unwrapped
+    model's names (no DDP ``module.`` prefix), so a checkpoint loads whatever the process count."""
+    for i, model in enumerate(models[:len(weights)]):
+        wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        names = {name.removeprefix("module.") if wrapped else name
+                 for name, p in model.named_parameters() if p.requires_grad}
+        clean = {(k.removeprefix("module.") if wrapped else k): v for k, v in weights[i].items()}
+        weights[i] = {k: v for k, v in clean.items() if k in names}
+
+
+def _load_trainable(model, path: Path) -> None:
+    """The trainable weights of a checkpoint into the unwrapped ``model``; a mismatch is an error."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if state.keys() != params.keys():
+        raise AlignkitError(f"{path}: holds {len(state)} trainable weights, the model has {len(params)} "
+                            f"(not a checkpoint of this model and config)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
 
 
 def latest_checkpoint(run: RunDir) -> Path | None:
