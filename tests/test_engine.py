@@ -363,3 +363,22 @@ def test_a_checkpoint_holds_the_trainable_weights_under_plain_names(tmp_path):
                      "train.max_steps=2", "train.save_every=2"]) == 0
     saved = load_file(tmp_path / "tiny" / "sft" / "checkpoints" / "step-000002" / "model.safetensors")
     assert saved and all("lora_" in k and not k.startswith("module.") for k in saved)  # the adapter, not the base
+
+
+@pytest.mark.parametrize("lora", ["false", "true"])
+def test_ppo_in_bf16_starts_at_zero_kl_and_ratio_one(tmp_path, lora):
+    # Policy, reference and the rollout's scoring all run under the engine's autocast, so before
+    # any update the reference is exactly the policy. The update's forward sees the same rows in
+    # another batch: equal up to bf16 rounding of the batch-dependent kernels (2^-8 relative).
+    from alignkit.recipes import ppo
+
+    cfg = load_config(ppo.Config, CONFIGS / "ppo-tiny.yaml", [
+        f"run.output_dir={tmp_path}", "train.mixed_precision=bf16", "reward.spec=rule:length:4",
+        f"model.lora.enabled={lora}", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4", "ppo.ppo_epochs=1",
+        "generation.max_new_tokens=4", "generation.batch_size=8"])
+    engine = Engine(cfg.train.mixed_precision)
+    setup = ppo.build(cfg, engine)
+    first, records = ppo.ppo_step(1, cfg, setup, engine)
+    assert first["kl"] == 0.0
+    assert records[0]["ratio_mean"] == pytest.approx(1.0, abs=2 ** -8)
+    assert {p.dtype for p in engine.unwrap(setup.ac).parameters() if p.requires_grad} == {torch.float32}

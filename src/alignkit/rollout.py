@@ -182,7 +182,7 @@ def generate(model, tokenizer, prompts: list[Messages], gen: GenerationConfig, n
     order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][0]]))
     results: dict[int, Generation] = {}
     eos = tokenizer.eos_token_id
-    with engine.for_generation(model) as sampler_model:
+    with engine.for_generation(model) as sampler_model, engine.autocast():
         for start in range(0, len(order), gen.batch_size):
             chunk = order[start:start + gen.batch_size]
             responses, logprobs = _sample(sampler_model, tokenizer, [encoded[jobs[j][0]] for j in chunk],
@@ -335,7 +335,8 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     # generation (~1e-5 off), and the update's ratio must start at exactly 1 on this layout.
     responses: list[list[int]] = []
     gen = GenerationConfig(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, batch_size=gen.batch_size)
-    with engine.for_generation(actor_critic) as inner:
+    # in the precision the policy trains in (mixed precision autocasts the forwards)
+    with engine.for_generation(actor_critic) as inner, engine.autocast():
         for start in range(0, len(mine), gen.batch_size):
             chunk = [jobs[j] for j in mine[start:start + gen.batch_size]]
             out, _ = _sample(inner.policy, tokenizer, [prompt_ids[p] for p, _ in chunk], chunk, gen, seed,
