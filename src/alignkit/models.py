@@ -50,8 +50,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def quiet_transformers() -> None:
     """Keep transformers' per-tensor progress bars and load reports off the console."""
+    import warnings
+
     import transformers
 
+    # peft asks transformers 5.x a deprecated question on every LoRA wrap; nothing to act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
