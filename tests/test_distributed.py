@@ -275,6 +275,21 @@ def test_eval_two_processes_report_what_one_reports(tmp_path):
         assert y.get("kl") == pytest.approx(x.get("kl"), abs=1e-5)
 
 
+def test_the_whole_loop_runs_as_a_pipeline_in_two_processes(tmp_path):
+    # label-ai -> rm -> ppo -> dpo -> eval, every stage in both processes, one run folder
+    import shutil as sh
+
+    sh.copy(CONFIGS / "run-tiny.yaml", tmp_path / "run.yaml")
+    text = (tmp_path / "run.yaml").read_text().replace("output_dir: runs", f"output_dir: {tmp_path / 'runs'}")
+    (tmp_path / "run.yaml").write_text(text)
+    out = launch(2, "run", str(tmp_path / "run.yaml"))
+    folder = tmp_path / "runs" / "tiny-pipeline"
+    for stage in ("label-ai", "rm", "ppo", "dpo", "eval"):
+        assert (folder / stage / "DONE").exists(), stage
+    assert out.count("finished in") == 5  # one process reports
+    assert (folder / "eval" / "final" / "report.html").exists()
+
+
 def test_fsdp_on_the_cpu_is_refused_not_silently_ddp(tmp_path):
     # accelerate enables FSDP on accelerator devices only; on the CPU it would quietly run DDP.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

@@ -135,7 +135,12 @@ def run_pipeline(path: str | Path, overrides: list[str] | tuple = (), start_from
     """
     from rich.console import Console
 
+    from alignkit.training import Engine
+
     console = console or Console()
+    # Under accelerate launch / torchrun every process runs every stage; the main one keeps the books.
+    engine = Engine()
+    say = console.print if engine.is_main else (lambda *a, **k: None)
     pipe = load_pipeline(path, overrides)
     for key, value in (rename or {}).items():
         setattr(pipe, key, value)
@@ -157,24 +162,25 @@ def run_pipeline(path: str | Path, overrides: list[str] | tuple = (), start_from
         done = marker.exists() and marker.read_text().strip() == digest
         header = f"[bold]stage {i}/{len(pipe.stages)}[/] {spec.name} ({spec.stage})"
         if done and not stale:
-            console.print(f"{header}: done with the same config, skipped")
+            say(f"{header}: done with the same config, skipped")
             continue
-        resume = False
-        if folder.exists():
-            same_config = (folder / "config.hash").exists() and (folder / "config.hash").read_text() == digest
-            if same_config and not stale and not marker.exists():
-                resume = True  # interrupted: continue from the last checkpoint
-            else:
+        same_config = (folder / "config.hash").exists() and (folder / "config.hash").read_text() == digest
+        resume = folder.exists() and same_config and not stale and not marker.exists()  # interrupted: continue
+        engine.wait()  # every process has read the folder before the main one changes it
+        if engine.is_main:
+            if folder.exists() and not resume:
                 shutil.rmtree(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.hash").write_text(digest)
+        engine.wait()
         stale = True
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.hash").write_text(digest)
-        console.print(f"{header}: {'resuming' if resume else 'running'} "
-                      f"(pipeline time so far {time.time() - started:.0f} s)")
+        say(f"{header}: {'resuming' if resume else 'running'} (pipeline time so far {time.time() - started:.0f} s)")
         t0 = time.time()
         module.main(cfg, resume=resume)
-        marker.write_text(digest)
-        console.print(f"{header}: finished in {time.time() - t0:.0f} s")
+        if engine.is_main:
+            marker.write_text(digest)
+        engine.wait()
+        say(f"{header}: finished in {time.time() - t0:.0f} s")
     return folders
 
 
