@@ -301,12 +301,10 @@ def mean_metrics(records: list[dict[str, float]], engine=None) -> dict[str, floa
     sums = {k: sum(r[k] * r["tokens"] for r in records) for k in MEAN_KEYS}
     sums["tokens"] = sum(r["tokens"] for r in records)
     norms = [r["grad_norm"] for r in records if "grad_norm" in r]
-    if engine.num_processes > 1:
-        sums = engine.reduce_sum(sums)
+    sums = engine.reduce_sum(sums)
     total = sums["tokens"] or 1.0
     out = {k: sums[k] / total for k in MEAN_KEYS}
-    ratio_max = max((r["ratio_max"] for r in records), default=0.0)
-    out["ratio_max"] = engine.reduce_max(ratio_max) if engine.num_processes > 1 else ratio_max
+    out["ratio_max"] = engine.reduce_max(max((r["ratio_max"] for r in records), default=0.0))
     out["grad_norm"] = sum(norms) / len(norms) if norms else None  # the same on every process
     return out
 

@@ -176,9 +176,8 @@ def evaluate(model, units: list, pad_id: int, batch_size: int, engine=None) -> d
         nll_sum, m = response_nll(scorer, inputs, mask, num_tokens=1)
         total_nll += float(nll_sum) * weight
         total_tokens += m["tokens"] * weight
-    if engine.num_processes > 1:
-        sums = engine.reduce_sum({"nll": total_nll, "tokens": total_tokens})
-        total_nll, total_tokens = sums["nll"], sums["tokens"]
+    sums = engine.reduce_sum({"nll": total_nll, "tokens": total_tokens})  # every process's share
+    total_nll, total_tokens = sums["nll"], sums["tokens"]
     model.train(was_training)
     mean = total_nll / max(total_tokens, 1.0)
     return {"eval_loss": mean, "eval_perplexity": float(torch.tensor(mean).exp()), "eval_tokens": total_tokens}
