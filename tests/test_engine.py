@@ -353,7 +353,7 @@ def test_resuming_another_models_checkpoint_is_a_one_line_error(tmp_path, capsys
     capsys.readouterr()
     assert cli.main(args + ["train.max_steps=4", "model.lora.enabled=true", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "checkpoints/step-000002" in err and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert "checkpoints: cannot read checkpoint (step-000002:" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_checkpoint_holds_the_trainable_weights_under_plain_names(tmp_path):

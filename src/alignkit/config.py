@@ -15,6 +15,7 @@ Ranges and choices are declared once, on the field::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,15 +129,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     raw: dict = {}
     source = "defaults"
     if path:
+        from alignkit.data.io import read_yaml
+
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raw = read_yaml(path, "config") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
     cfg = build(cls, raw, source)
@@ -159,8 +155,20 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple) -> T:
             node = node[part]
         if parts[-1] not in node:
             raise ConfigError(f"command line: unknown config key '{key}'")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        node[parts[-1]] = override_value(key, value)
     return build(type(cfg), data, "command line")
+
+
+def override_value(key: str, value: str) -> Any:
+    """The value of a ``key=value`` override, read as YAML (``3``, ``1e-5``, ``[a, b]``, ``null``, text)."""
+    if value == "":
+        return ""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(f"command line: '{key}={value}': the value is not valid YAML ({problem}); "
+                          f"quote text that starts with [ {{ or contains ': '") from None
 
 
 def build(cls: type[T], raw: dict, source: str, prefix: str = "") -> T:
@@ -236,13 +244,18 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-5" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-5" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf passes any gt/ge bound and NaN fails none
+                raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -39,6 +39,7 @@ from alignkit.errors import AlignkitError
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 MINILM = "builtin:minilm-l6"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_CONTEXT = 1024  # positions of the tiny test models
 _TINY_RE = re.compile(r"^tiny:llama(?:-(\d+)x(\d+))?$")
 # ChatML, as SmolLM2 uses it, without the default system prompt.
 CHATML_TEMPLATE = (
@@ -270,7 +271,7 @@ def _tiny_llama(name: str, tok, seed: int, auto_cls, attn_implementation: str | 
         raise AlignkitError(f"'{name}': the width must be a multiple of 16")
     config = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=width * 2,
                          num_hidden_layers=layers, num_attention_heads=width // 16, num_key_value_heads=width // 16,
-                         head_dim=16, max_position_embeddings=1024, tie_word_embeddings=True,
+                         head_dim=16, max_position_embeddings=TINY_CONTEXT, tie_word_embeddings=True,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **kw)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -408,6 +409,30 @@ def _rebuilt(model, state_dict: dict):
     if hasattr(fresh, "tie_weights"):
         fresh.tie_weights()
     return fresh.eval()
+
+
+def context_of(cfg: ModelConfig) -> int | None:
+    """:func:`model_context` of the model a config names, from its config file (no weights loaded)."""
+    if cfg.name.startswith("tiny:"):
+        return TINY_CONTEXT
+    from transformers import AutoConfig
+
+    path = resolve(cfg.name, cfg.cache_dir)
+    config = _from_pretrained(AutoConfig, path, cfg.name, trust_remote_code=cfg.trust_remote_code)
+    return model_context(type("Loaded", (), {"config": config})())
+
+
+def model_context(model) -> int | None:
+    """The most positions the model reads (prompt + response), from its config; None when it has no limit."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "get_base_model", None)
+    if base is not None:
+        config = getattr(base(), "config", config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def count_storage(model: nn.Module) -> int:

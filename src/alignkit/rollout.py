@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                          TopKLogitsWarper, TopPLogitsWarper)
 
 from alignkit.config import GenerationConfig
 from alignkit.data.collate import encode_prompt, pad
@@ -133,9 +134,24 @@ def sampling_kwargs(temperature: float, uniforms: torch.Tensor | None = None, to
     return kwargs, sampler
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation at the next token once ``event`` is set (a server shutting down)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def _sample(model, tokenizer, seqs: list[list[int]], keys: list[tuple[int, ...]], gen: GenerationConfig,
-            seed: int, synced: bool = False) -> tuple[list[list[int]], list | None]:
-    """One batch: ``(responses cut after EOS, per-token log-probs or None)`` for left-padded ``seqs``."""
+            seed: int, synced: bool = False, max_time: float | None = None,
+            stop=None) -> tuple[list[list[int]], list | None]:
+    """One batch: ``(responses cut after EOS, per-token log-probs or None)`` for left-padded ``seqs``.
+
+    ``max_time`` (seconds) and ``stop`` (an event) end the generation early: the
+    responses are then what was sampled so far (unfinished, without EOS).
+    """
     device = next(model.parameters()).device
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     ids = pad(seqs, pad_id, side="left").to(device)
@@ -143,6 +159,10 @@ def _sample(model, tokenizer, seqs: list[list[int]], keys: list[tuple[int, ...]]
     kwargs = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
     if synced:
         kwargs["synced_gpus"] = True
+    if max_time is not None:
+        kwargs["max_time"] = max_time
+    if stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(stop)])
     sampler = None
     if gen.do_sample:
         extra, sampler = sampling_kwargs(gen.temperature, row_uniforms(seed, keys, gen.max_new_tokens),
@@ -161,19 +181,21 @@ def _sample(model, tokenizer, seqs: list[list[int]], keys: list[tuple[int, ...]]
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[Messages], gen: GenerationConfig, n: int = 1,
              seed: int | None = None, prompt_ids: list[list[int]] | None = None,
-             progress_cb=None, engine=None) -> list[Generation]:
+             progress_cb=None, engine=None, max_time: float | None = None, stop=None) -> list[Generation]:
     """Sample ``n`` responses per prompt; returns prompt-major order (p0s0, p0s1, ...).
 
     ``seed`` fixes every draw (see the module docstring); None takes one from the
     global torch generator. With an ``engine`` of several processes each samples
     its share of the prompts and every process gets all results, in order: the
-    same list as one process gives.
+    same list as one process gives. ``max_time`` (seconds, per batch) and
+    ``stop`` (an event) end sampling early, as a server needs.
     """
     from alignkit.training import SingleProcess
 
     engine = engine or SingleProcess()
     seed = draw_seed() if seed is None else seed
     encoded = prompt_ids if prompt_ids is not None else [encode_prompt(tokenizer, p) for p in prompts]
+    check_context(model, encoded, gen.max_new_tokens)
     mine = engine.shard(list(range(len(encoded))))
     jobs = [(i, s) for i in mine for s in range(n)]
     was_training = model.training
@@ -186,7 +208,8 @@ def generate(model, tokenizer, prompts: list[Messages], gen: GenerationConfig, n
         for start in range(0, len(order), gen.batch_size):
             chunk = order[start:start + gen.batch_size]
             responses, logprobs = _sample(sampler_model, tokenizer, [encoded[jobs[j][0]] for j in chunk],
-                                          [jobs[j] for j in chunk], gen, seed, engine.synced_generation)
+                                          [jobs[j] for j in chunk], gen, seed, engine.synced_generation,
+                                          max_time, stop)
             for row, (j, resp) in enumerate(zip(chunk, responses)):
                 p, s = jobs[j]
                 finished = bool(resp) and resp[-1] == eos
@@ -197,6 +220,18 @@ def generate(model, tokenizer, prompts: list[Messages], gen: GenerationConfig, n
                 progress_cb(len(chunk) * engine.num_processes)
     model.train(was_training)
     return engine.gather([results[j] for j in range(len(jobs))])
+
+
+def check_context(model, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse work that cannot fit the model's positions (stages check first, naming file and line)."""
+    from alignkit.errors import AlignkitError
+    from alignkit.models import model_context
+
+    context = model_context(model)
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]), default=None)
+    if context is not None and longest is not None and len(prompt_ids[longest]) + max_new_tokens > context:
+        raise AlignkitError(f"prompt {longest} is {len(prompt_ids[longest])} tokens: with up to {max_new_tokens} "
+                            f"new tokens it does not fit the model's context of {context} tokens")
 
 
 def trim_response(tokens: list[int], eos: int, pad_id: int) -> list[int]:
@@ -327,8 +362,10 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     was_training = actor_critic.training
     actor_critic.eval()
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    check_context(engine.unwrap(actor_critic).policy, prompt_ids, gen.max_new_tokens)
     jobs = [(p, s) for p in range(len(prompt_ids)) for s in range(n)]
-    mine = [j for j, (p, _) in enumerate(jobs) if p in set(engine.shard(list(range(len(prompt_ids)))))]
+    my_prompts = set(engine.shard(list(range(len(prompt_ids)))))
+    mine = [j for j, (p, _) in enumerate(jobs) if p in my_prompts]
 
     # 1. sample this process's share: left padding + KV cache, in prompt order
     # The sampler's recorded log-probs are not used: they come from the cached, left-padded

@@ -437,6 +437,9 @@ class Engine:
         if resume and run.is_done() and done_step(run) == last_step and run.final.exists():
             self.print(f"alignkit: {run.path} is already complete ({last_step} steps)")
             return Start(last_step, None, done=True)
+        if self.is_main:  # a kill while a checkpoint was being written leaves its temporary folder
+            for tmp in run.checkpoints.glob(".tmp-*") if run.checkpoints.exists() else []:
+                shutil.rmtree(tmp, ignore_errors=True)
         if not resume:
             if self.is_main:
                 clear_run(run)
@@ -483,21 +486,33 @@ class Engine:
         self.wait()
         return final
 
-    def load_checkpoint(self, run: RunDir, model=None) -> Start:
-        """The latest checkpoint into the prepared model, optimizer, scheduler and RNGs (step 0 when none)."""
-        path = latest_checkpoint(run)
-        if path is None:
-            return Start()
-        try:
-            meta = json.loads((path / CHECKPOINT_META).read_text())
-            # Optimizer, scheduler, RNG states (and sharded models) through accelerate; strict=False
-            # because an unsharded model's file holds its trainable weights only, loaded just below.
-            self.accelerator.load_state(str(path), strict=False)
-            if model is not None and not self.sharded:
-                _load_trainable(self.unwrap(model), path / "model.safetensors")
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise AlignkitError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
-        return Start(int(meta["step"]), meta.get("extra") or {})
+    def load_checkpoint(self, run: RunDir, model) -> Start:
+        """The newest checkpoint that loads, into the prepared model, optimizer, scheduler and RNGs.
+
+        A checkpoint that cannot be read (cut short, emptied, from another model) is
+        passed over for the one before it, with a message; none at all is step 0, none
+        that loads an error listing why each failed.
+        """
+        found = checkpoints(run)
+        failures = []
+        for path in reversed(found):
+            try:
+                meta = json.loads((path / CHECKPOINT_META).read_text())
+                # Optimizer, scheduler, RNG states (and sharded models) through accelerate; strict=False
+                # because an unsharded model's file holds its trainable weights only, loaded just below.
+                self.accelerator.load_state(str(path), strict=False)
+                if not self.sharded:
+                    _load_trainable(self.unwrap(model), path / "model.safetensors")
+            except Exception as e:  # noqa: BLE001 - any way a file can be broken; the next one may load
+                failures.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            if failures:
+                self.print(f"alignkit: could not load {'; '.join(failures)}; resuming from {path.name}")
+            return Start(int(meta["step"]), meta.get("extra") or {})
+        if failures:
+            raise AlignkitError(f"{run.checkpoints}: cannot read checkpoint ({'; '.join(failures)}); start "
+                                f"without --resume to train from the beginning")
+        return Start()
 
     def save_final(self, model, tokenizer, out: Path, extra: dict | None = None) -> Path:
         """The trained model as a plain transformers / peft folder (gathered when sharded)."""
@@ -611,10 +626,15 @@ def _load_trainable(model, path: Path) -> None:
             p.copy_(state[name])
 
 
-def latest_checkpoint(run: RunDir) -> Path | None:
+def checkpoints(run: RunDir) -> list[Path]:
+    """The run's complete checkpoints (their meta.json written last), oldest first."""
     if not run.checkpoints.exists():
-        return None
-    found = sorted(p for p in run.checkpoints.glob("step-*") if (p / CHECKPOINT_META).exists())
+        return []
+    return sorted(p for p in run.checkpoints.glob("step-*") if (p / CHECKPOINT_META).exists())
+
+
+def latest_checkpoint(run: RunDir) -> Path | None:
+    found = checkpoints(run)
     return found[-1] if found else None
 
 

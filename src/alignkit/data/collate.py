@@ -34,6 +34,41 @@ def encode_prompt(tokenizer, messages: Messages) -> list[int]:
     return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
+def encode_prompts(tokenizer, prompts: list, max_prompt_length: int | None, on_error: str = "raise", *,
+                   setting: str = "data.max_prompt_length", context: int | None = None,
+                   max_new_tokens: int = 0) -> tuple[list, list[list[int]]]:
+    """``(kept prompts, their token ids)``, checked before anything samples.
+
+    ``prompts`` are :class:`~alignkit.data.formats.PromptExample` (``.prompt``, ``.loc``).
+    A prompt over ``max_prompt_length`` tokens (the config key ``setting``), or one
+    after which ``max_new_tokens`` would not fit the model's ``context``, is a
+    DataError naming its file and line; with ``on_error=skip`` it is skipped and
+    counted in one warning. Every stage that samples calls this first, so that a
+    10 MB prompt fails in the time it takes to tokenise it, not after minutes of work.
+    """
+    from alignkit.data.io import ErrorPolicy
+
+    policy = ErrorPolicy(on_error)
+    kept, ids = [], []
+    for ex in prompts:
+        policy.total += 1
+        p = encode_prompt(tokenizer, ex.prompt)
+        problem = None
+        if max_prompt_length is not None and len(p) > max_prompt_length:
+            problem = f"prompt is {len(p)} tokens, over {setting}={max_prompt_length}"
+        elif context is not None and len(p) + max_new_tokens > context:
+            problem = (f"prompt is {len(p)} tokens: with up to {max_new_tokens} new tokens it does not fit the "
+                       f"model's context of {context} tokens")
+        if problem:
+            source, _, location = ex.loc.rpartition(":")
+            policy.handle(DataError(source or ex.loc or "prompts", location or None, "prompt", problem))
+            continue
+        kept.append(ex)
+        ids.append(p)
+    policy.report("prompts")
+    return kept, ids
+
+
 def encode_response(tokenizer, text: str, add_eos: bool = True) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids + [tokenizer.eos_token_id] if add_eos else ids

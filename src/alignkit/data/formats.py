@@ -28,6 +28,7 @@ Formats (one JSON object per line, or CSV/Parquet columns of the same names):
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,13 +167,21 @@ def _margin(rec: Record) -> float | None:
     m = rec.data.get("margin")
     if m is None or m == "":
         return None
+    return finite_number(rec, "margin", m)
+
+
+def finite_number(rec: Record, key: str, value: Any) -> float:
+    """A record's number as float; text that reads as one is accepted, NaN and infinity are not
+    (a margin of Infinity would make every loss infinite)."""
+    if isinstance(value, bool):
+        raise rec.error(key, f"must be a number, got {value!r}")
     try:
-        m = float(m)
+        number = float(value)
     except (TypeError, ValueError):
-        raise rec.error("margin", f"must be a number, got {m!r}") from None
-    if m != m:  # NaN
-        raise rec.error("margin", "must be a number, got NaN")
-    return m
+        raise rec.error(key, f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise rec.error(key, f"must be a finite number, got {value!r}")
+    return number
 
 
 # --------------------------------------------------------------------------- loaders
@@ -191,6 +200,8 @@ def _load(path: str, split: str, on_error: str, parse, what: str, limit: int | N
         except DataError as e:
             policy.handle(e)
             continue
+        if isinstance(parsed, list) and not parsed:
+            policy.empty.append(where(rec))  # a ranking whose completions all tie, or flagged can't-rank
         out.extend(parsed if isinstance(parsed, list) else [parsed])
     policy.report(what)
     if not out:

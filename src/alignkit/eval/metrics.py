@@ -334,6 +334,16 @@ class LLMJudge:
         stats_ = getattr(self.judge, "stats", None)
         return stats_.summary("comparisons") if stats_ is not None else ""
 
+    def warning(self) -> str | None:
+        """Said on the console beside the result when the judge's answers could not be read."""
+        stats_ = getattr(self.judge, "stats", None)
+        if stats_ is None or not stats_.unparsable:
+            return None
+        share = "every" if stats_.unparsable == stats_.asked else f"{stats_.unparsable} of {stats_.asked}"
+        return (f"{share} comparison(s) had an answer the judge's parser could not read and counted as a tie: "
+                f"the result says little about the models (first: {stats_.examples[0][:80]!r})"
+                if stats_.examples else f"{share} comparison(s) had an unreadable answer, counted as ties")
+
 
 def build_pairwise_judge(spec: str, options: dict | None = None, device=None) -> SwappedJudge | LLMJudge:
     """A judge from a spec: ``python:module:function`` (see :class:`SwappedJudge`) or
@@ -398,10 +408,10 @@ def load_human_summary(path: str, model_a: str, model_b: str) -> dict:
     "Both bad" items count as ties: neither model was preferred, and dropping
     them would overstate how often one of the two wins.
     """
+    from alignkit.data.io import read_text
+
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AlignkitError(f"{path}: cannot read human evaluation summary ({e.strerror})") from None
+        raw = json.loads(read_text(path, "human evaluation summary"))
     except json.JSONDecodeError as e:
         raise DataError(path, f"line {e.lineno}", None, f"invalid JSON: {e.msg}") from None
     if not isinstance(raw, dict):

@@ -565,5 +565,6 @@ def render_summary_table(summary: Mapping) -> str:
             f"adjusted win rate {format_metric(r['win_rate'])}, "
             f"at least as good {format_metric(r['at_least_as_good'])}, "
             f"sign test p = {_format_pvalue(r['sign_test_pvalue'])}"
+            + (f"\n  warning: {r['warning']}" if r.get("warning") else "")
         )
     return "\n\n".join(parts) if parts else "(no metrics)"

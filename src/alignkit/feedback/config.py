@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.errors import ConfigError
+from alignkit.errors import AlignkitError, ConfigError
 
 DEFAULT_DB_URL = "sqlite:///runs/feedback/feedback.db"
 DEFAULT_GUIDELINES = Path(__file__).with_name("guidelines.md")
@@ -61,10 +61,12 @@ class LabelConfig:
 
     def guidelines_text(self) -> str:
         path = Path(self.guidelines) if self.guidelines else DEFAULT_GUIDELINES
+        from alignkit.data.io import read_text
+
         try:
-            return path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read guidelines ({e.strerror})") from None
+            return read_text(path, "guidelines")
+        except AlignkitError as e:
+            raise ConfigError(str(e)) from None
 
     def public_url(self) -> str:
         if self.base_url:

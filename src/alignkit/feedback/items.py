@@ -55,14 +55,18 @@ class ProjectFile:
 
 
 def read_project_file(path: str | Path, kind: str) -> ProjectFile:
+    from alignkit.data.io import check_file, text_lines
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AlignkitError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(str(path), None, None, f"not UTF-8 text ({e.reason})") from None
-    return parse_project_lines(text.splitlines(), kind, source=str(path))
+    check_file(path, "project file")
+
+    def lines():
+        for lineno, text, problem in text_lines(path):
+            if problem:
+                raise DataError(str(path), f"line {lineno}", None, problem)
+            yield text.rstrip("\r\n")
+
+    return parse_project_lines(lines(), kind, source=str(path))
 
 
 def parse_project_lines(lines: Iterable[str], kind: str, source: str) -> ProjectFile:

@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +37,7 @@ from alignkit.feedback.export import build_export
 from alignkit.feedback.items import parse_project_lines
 from alignkit.feedback.pages import STATIC_DIR, render, render_markdown
 from alignkit.feedback.storage import MAX_TASK_BATCH, FeedbackError, LabelerInfo, Store
+from alignkit.web import INT64_MAX, Int64, LimitBody
 
 LABELER_COOKIE = "alignkit_labeler"
 ADMIN_COOKIE = "alignkit_admin"
@@ -46,6 +47,7 @@ CSP = (
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
 SQLITE_WORKER_THREADS = 8
+ItemPath = Annotated[int, Path(ge=0, le=INT64_MAX)]
 EXPORT_MEDIA = {".jsonl": "application/x-ndjson", ".json": "application/json"}
 
 
@@ -57,8 +59,8 @@ class LabelIn(BaseModel):
     """A label on one item. Ranking: ``ranks`` or ``cant_rank``. Pairwise: ``choice``."""
 
     model_config = ConfigDict(extra="forbid")
-    item_id: int
-    ranks: list[int] | None = Field(None, description="ranks[i] = 1-based rank of completion i; 1 = best; equal = tie")
+    item_id: Int64
+    ranks: list[Int64] | None = Field(None, description="ranks[i] = 1-based rank of completion i; 1 = best; equal = tie")
     cant_rank: bool = Field(False, description="the item is nonsensical or cannot be ranked")
     choice: Literal["A", "B", "tie", "both_bad"] | None = Field(None, description="pairwise: A = the first response shown")
     submission_id: str | None = Field(None, max_length=64, description="client-chosen id; resending it never stores twice")
@@ -129,35 +131,17 @@ class ProjectOut(BaseModel):
 # middleware: body size limit and security headers (plain ASGI: cheap per request)
 
 
-class _Guard:
-    def __init__(self, app, max_bytes: int, max_upload_bytes: int):
+class _SecurityHeaders:
+    """Plain ASGI (cheap per request): headers that keep untrusted text from acting as code."""
+
+    def __init__(self, app):
         self.app = app
-        self.max_bytes = max_bytes
-        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        limit = self.max_upload_bytes if path == UPLOAD_PATH else self.max_bytes
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > limit:
-                    await _send_413(send, limit)
-                    return
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    # Raised inside the route's body read: FastAPI turns it into a 413.
-                    raise HTTPException(413, f"request body larger than {limit} bytes")
-            return message
-
         add_csp = not (path.startswith("/docs") or path.startswith("/redoc"))
 
         async def send_with_headers(message):
@@ -173,14 +157,7 @@ class _Guard:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, limited_receive, send_with_headers)
-
-
-async def _send_413(send, limit: int) -> None:
-    body = ('{"detail": "request body larger than %d bytes"}' % limit).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+        await self.app(scope, receive, send_with_headers)
 
 
 # ---------------------------------------------------------------------------
@@ -210,7 +187,9 @@ def create_app(config: LabelConfig | None = None, store: Store | None = None) ->
     )
     app.state.store = store
     app.state.config = config
-    app.add_middleware(_Guard, max_bytes=config.max_request_bytes, max_upload_bytes=config.max_upload_bytes)
+    app.add_middleware(_SecurityHeaders)
+    app.add_middleware(LimitBody, limit_for=lambda path: config.max_upload_bytes if path == UPLOAD_PATH
+                       else config.max_request_bytes)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @functools.lru_cache(maxsize=64)
@@ -298,7 +277,7 @@ def create_app(config: LabelConfig | None = None, store: Store | None = None) ->
         return {"tasks": [t.to_dict() for t in store.next_tasks(labeler(token), limit)]}
 
     @app.get("/api/tasks/{item_id}", response_model=TaskOut, tags=["labeler"])
-    def api_task(item_id: int, token: Token):
+    def api_task(item_id: ItemPath, token: Token):
         """One item of your project, with your label on it if any."""
         return store.task(labeler(token), item_id).to_dict()
 
@@ -435,7 +414,7 @@ def create_app(config: LabelConfig | None = None, store: Store | None = None) ->
         return task_response(who, tasks[0], next_url="/task")
 
     @app.get("/task/{item_id}", response_class=HTMLResponse, include_in_schema=False)
-    def task_edit_page(item_id: int, request: Request):
+    def task_edit_page(item_id: ItemPath, request: Request):
         who = page_labeler(request)
         if who is None:
             return sign_in_first()

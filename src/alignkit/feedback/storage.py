@@ -48,7 +48,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from alignkit.errors import AlignkitError
@@ -169,7 +169,7 @@ class Label(Base):
 
 
 class Submission(Base):
-    """The client-chosen ids of submissions already applied: sending one again is a no-op,
+    """The client-chosen ids of submissions already seen (applied, or found unchanged): sending one again is a no-op,
     even after a newer edit of the same label (a late retry must not undo it)."""
 
     __tablename__ = "fb_submissions"
@@ -334,19 +334,37 @@ def winner_to_choice(winner: str, swapped: bool) -> str:
 # the store
 
 
+def _create_engine(url, shown: str, kwargs: dict):
+    try:
+        return create_engine(url, **kwargs)
+    except (ArgumentError, ImportError) as e:  # an unknown dialect, a driver that is not installed
+        raise AlignkitError(f"--db {shown}: cannot use this database ({str(e).splitlines()[0]})") from None
+
+
 class Store:
     """The database, and every operation the app performs on it."""
 
     def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL", assignment_ttl_s: int = 2 * 3600, **engine_kwargs):
-        self.url = make_url(url)
-        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        try:
+            self.url = make_url(url)
+            self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        except (ArgumentError, ValueError) as e:
+            raise AlignkitError(f"--db {url!r}: not a database URL ({str(e).splitlines()[0]}); use "
+                                f"sqlite:///path/to/labels.db or postgresql+psycopg://user@host/db") from None
+        shown = self.url.render_as_string(hide_password=True)
         self.assignment_ttl = timedelta(seconds=assignment_ttl_s)
         if self.is_sqlite:
             if not self.url.database or self.url.database == ":memory:":
                 raise AlignkitError("the feedback app needs a SQLite file, not an in-memory database")
-            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+            if Path(self.url.database).is_dir():
+                raise AlignkitError(f"--db {shown}: {self.url.database} is a folder; name a file in it "
+                                    f"(sqlite:///{Path(self.url.database) / 'labels.db'})")
+            try:
+                Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise AlignkitError(f"--db {shown}: cannot create its folder ({e.strerror or e})") from None
             engine_kwargs.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
-            self.engine = create_engine(self.url, **engine_kwargs)
+            self.engine = _create_engine(self.url, shown, engine_kwargs)
             self._writing = threading.local()  # set while this thread is in write(): BEGIN IMMEDIATE
             _sqlite_setup(self.engine, sqlite_synchronous, lambda: getattr(self._writing, "on", False))
             self._write_lock = threading.Lock()
@@ -354,9 +372,13 @@ class Store:
             engine_kwargs.setdefault("pool_size", 10)
             engine_kwargs.setdefault("max_overflow", 30)
             engine_kwargs.setdefault("pool_pre_ping", True)
-            self.engine = create_engine(self.url, **engine_kwargs)
+            self.engine = _create_engine(self.url, shown, engine_kwargs)
             self._write_lock = nullcontext()
-        Base.metadata.create_all(self.engine)
+        try:
+            Base.metadata.create_all(self.engine)
+        except DBAPIError as e:  # not a database file, no server there, no access
+            self.engine.dispose()
+            raise AlignkitError(f"--db {shown}: cannot open the database ({str(e.orig).splitlines()[0]})") from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -611,6 +633,9 @@ class Store:
             label = c.execute(_EXISTING_LABEL, key).first()
             if label is not None:
                 if (label.ranks, bool(label.cant_rank), label.winner) == (ranks, cant_rank, winner):
+                    # Recorded too: a late retry of this submission, after a newer edit, must find
+                    # it applied and change nothing (the rule every submission id follows).
+                    self._record_submission(c, who, submission_id, label.id)
                     return label.id, "unchanged"
                 c.execute(_CHANGE_LABEL, {"label_id": label.id, "new_ranks": ranks, "new_cant_rank": cant_rank,
                                           "new_winner": winner, "now": now})

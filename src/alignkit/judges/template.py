@@ -89,7 +89,9 @@ def load_template(name: str) -> Template:
     if not path.is_file():
         raise AlignkitError(f"judge template '{name}' is neither a shipped template "
                             f"({', '.join(shipped_templates())}) nor a file")
-    return parse_template(path.read_text(encoding="utf-8"), path.stem, str(path))
+    from alignkit.data.io import read_text
+
+    return parse_template(read_text(path, "judge template"), path.stem, str(path))
 
 
 def parse_template(text: str, name: str, source: str) -> Template:

@@ -45,7 +45,8 @@ import numpy as np
 from alignkit.config import DataConfig, GenerationConfig, ModelConfig, RunConfig, TrainConfig, opt, to_dict
 from alignkit.data.formats import PromptExample, SFTExample, load_prompts
 from alignkit.errors import AlignkitError, ConfigError
-from alignkit.models import is_peft, load_causal_lm, load_tokenizer
+from alignkit.data.collate import encode_prompts
+from alignkit.models import is_peft, load_causal_lm, load_tokenizer, model_context
 from alignkit.rewards import build_reward
 from alignkit.rollout import generate
 from alignkit.runs import RunDir
@@ -239,6 +240,10 @@ def main(cfg: Config, resume: bool = False) -> dict:
     reward_fn = build_reward(cfg.reward.spec, device=engine.device)
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
     model = engine.place(load_causal_lm(cfg.model, trainable=True, tokenizer=tok))
+    prompts, _ = encode_prompts(tok, prompts, cfg.data.max_prompt_length, cfg.data.on_error,
+                                context=model_context(model), max_new_tokens=cfg.generation.max_new_tokens)
+    if not prompts:
+        raise AlignkitError(f"{cfg.data.path}: every prompt was skipped (see the warning above)")
     from alignkit.recipes.sft import train_sft
 
     done_rounds = 0

@@ -51,6 +51,7 @@ import yaml
 
 from alignkit.config import DataConfig, GenerationConfig, ModelConfig, RunConfig, TrainConfig, opt, to_dict
 from alignkit.data.formats import PromptExample, SFTExample, load_prompts
+from alignkit.data.io import read_text
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.judges import JudgeConfig, PairwiseJudge, build_judge
 from alignkit.runs import RunDir
@@ -113,11 +114,9 @@ def load_constitution(name: str) -> tuple[str, list[Principle]]:
     if "/" not in name and not name.endswith((".yaml", ".yml")) and shipped.is_file():
         text, source = shipped.read_text(encoding="utf-8"), f"alignkit/constitutions/{name}.yaml"
     else:
-        try:
-            text, source = Path(name).read_text(encoding="utf-8"), name
-        except OSError as e:
-            raise AlignkitError(f"constitution '{name}': not a shipped constitution (default) and not a "
-                                f"readable file ({e.strerror})") from None
+        if not Path(name).exists():
+            raise AlignkitError(f"constitution '{name}': not a shipped constitution (default) and not a file")
+        text, source = read_text(name, "constitution"), name
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -260,7 +259,8 @@ def _sft_config(cfg: Config):
 
 
 def main(cfg: Config, resume: bool = False) -> Path:
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.data.collate import encode_prompts
+    from alignkit.models import load_causal_lm, load_tokenizer, model_context
 
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
     if resume and run.is_done() and (run.final / "sft.jsonl").exists():
@@ -278,6 +278,14 @@ def main(cfg: Config, resume: bool = False) -> Path:
         run.final.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
     model = engine.place(load_causal_lm(cfg.model, trainable=cfg.supervised.fine_tune, tokenizer=tok))
+    # The conversation grows by an answer, then a critique request, a critique, a revision request
+    # and a revision per round: what must fit after the prompt, checked before any of it is sampled.
+    requests = max(len(tok(p.critique)["input_ids"]) + len(tok(p.revision)["input_ids"]) for p in principles)
+    grows = cfg.generation.max_new_tokens * (1 + 2 * cfg.supervised.rounds) + cfg.supervised.rounds * (requests + 32)
+    prompts, _ = encode_prompts(tok, prompts, cfg.data.max_prompt_length, cfg.data.on_error,
+                                context=model_context(model), max_new_tokens=grows)
+    if not prompts:
+        raise AlignkitError(f"{cfg.data.path}: every prompt was skipped (see the warning above)")
     seconds: dict[str, float] = {}
     summary: dict = {"constitution": const_name, "prompts": len(prompts)}
     base_prov = {"stage": STAGE, "model": cfg.model.name, "constitution": const_name, "seed": cfg.run.seed,

@@ -94,6 +94,10 @@ def generate_cli(argv: list[str]) -> int:
         raise AlignkitError("--best-of needs --reward SPEC")
     prompts = load_prompts(args.prompts, split=args.split, kind=args.kind, limit=args.limit)
     model, tok, gen, engine = _load(args)
+    from alignkit.data.collate import encode_prompts
+    from alignkit.models import model_context
+
+    prompts, _ = encode_prompts(tok, prompts, None, context=model_context(model), max_new_tokens=gen.max_new_tokens)
     n = args.best_of or args.n
     # under accelerate launch / torchrun each process samples its share; the main one writes
     gens = generate(model, tok, [q.prompt for q in prompts], gen, n=n, seed=args.seed, engine=engine)

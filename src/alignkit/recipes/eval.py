@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from alignkit.config import DataConfig, GenerationConfig, ModelConfig, RunConfig, opt
+from alignkit.data.collate import encode_prompts
 from alignkit.data.formats import load_preferences, load_prompts, prompt_text
-from alignkit.errors import ConfigError
+from alignkit.errors import AlignkitError, ConfigError
 from alignkit.eval import metrics as M
 from alignkit.eval.report import render_summary_table, write_report
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.models import context_of, load_causal_lm, load_tokenizer
 from alignkit.rewards import build_reward
 from alignkit.rollout import generate
 from alignkit.runs import RunDir, read_metrics
@@ -201,6 +202,23 @@ def _scores(engine, fn, prompts: list, texts: list[str]) -> np.ndarray:
     return np.asarray(engine.gather(mine), dtype=np.float64)
 
 
+def _fitting_prompts(cfg: Config, models: list[_Model], reference_name: str, prompts: list) -> list:
+    """The prompts within prompts.max_prompt_length and, with generation.max_new_tokens after them,
+    every model's context, checked with each model's tokenizer before anything loads or samples.
+    With prompts.on_error=skip a prompt too long for one model is left out for all (the comparison is paired)."""
+    paths = dict.fromkeys([m.load_path for m in models] + ([] if reference_name in {m.name for m in models}
+                                                           else [reference_name]))
+    kept = list(prompts)
+    for path in paths:
+        tok = load_tokenizer(path)
+        kept, _ = encode_prompts(tok, kept, cfg.prompts.max_prompt_length, cfg.prompts.on_error,
+                                 setting="prompts.max_prompt_length", context=context_of(ModelConfig(name=path)),
+                                 max_new_tokens=cfg.generation.max_new_tokens)
+    if not kept:
+        raise AlignkitError(f"{cfg.prompts.path}: every prompt was skipped (see the warning above)")
+    return kept
+
+
 def _same_vocab(tok_a, tok_b) -> bool:
     return len(tok_a) == len(tok_b) and tok_a.get_vocab() == tok_b.get_vocab()
 
@@ -227,6 +245,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
         run.write_config(cfg)
     prompts = load_prompts(cfg.prompts.path, split=cfg.prompts.split, on_error=cfg.prompts.on_error,
                            kind=cfg.prompts.kind, limit=cfg.prompts.limit)
+    prompts = _fitting_prompts(cfg, models, reference_name, prompts)
     messages = [p.prompt for p in prompts]
     k = cfg.samples_per_prompt
     toxicity_fn = M.ToxicityScorer(cfg.toxicity.scorer, cfg.toxicity.invert, device=engine.device)
@@ -398,8 +417,12 @@ def _compare(cfg: Config, judges: list, messages: list, samples: dict[str, M.Mod
                       (("wins", "win"), ("ties", "tie"), ("losses", "loss"))}
         # A human evaluation is labelled by its file name; the full path is in the run info.
         label = f"{HUMAN}{Path(spec[len(HUMAN):]).name}" if spec.startswith(HUMAN) else spec
-        rows.append(M.pairwise_entry(pair.model_a, pair.model_b, label, counts["wins"], counts["ties"],
-                                     counts["losses"], cfg.confidence, cfg.run.seed))
+        row = M.pairwise_entry(pair.model_a, pair.model_b, label, counts["wins"], counts["ties"],
+                               counts["losses"], cfg.confidence, cfg.run.seed)
+        warning = getattr(judge, "warning", lambda: None)()
+        if warning:  # ties the judge could not help: the console says so, not only the report
+            row["warning"] = warning
+        rows.append(row)
     return rows, notes
 
 

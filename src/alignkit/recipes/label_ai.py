@@ -38,8 +38,8 @@ from typing import Any
 
 from alignkit.config import DataConfig, GenerationConfig, ModelConfig, RunConfig, opt, to_dict
 from alignkit.data.formats import PromptExample, load_prompts, parse_prompt
-from alignkit.data.io import read_records
-from alignkit.errors import AlignkitError, ConfigError
+from alignkit.data.io import ErrorPolicy, read_records
+from alignkit.errors import AlignkitError, ConfigError, DataError
 from alignkit.runs import RunDir
 from alignkit.training import Engine
 
@@ -127,39 +127,56 @@ def ranking_pairs(scores: list[float], ranks: list[int], min_gap: float) -> tupl
 # --------------------------------------------------------------------------- inputs
 
 
-def _given_completions(path: str, split: str, limit: int | None) -> list[Item] | None:
-    """Records that already carry ``completions`` (None when the file holds plain prompts)."""
-    if path.startswith(("builtin:", "synthetic:")) or not Path(path).exists():
+def _given_completions(path: str, split: str, limit: int | None, on_error: str = "raise") -> list[Item] | None:
+    """Records that already carry ``completions`` (None when the file holds plain prompts).
+
+    A bad record is a located error, or with ``data.on_error=skip`` skipped and counted.
+    """
+    if path.startswith(("builtin:", "synthetic:")) or not Path(path).is_file():
         return None
     records = read_records(path, split)
     first = next(records, None)
     if first is None or "completions" not in first.data:
         return None
+    policy = ErrorPolicy(on_error)
     items = []
     for rec in itertools.chain([first], records):
         if limit is not None and len(items) >= limit:
             break
-        if "__invalid__" in rec.data:
-            raise rec.error(None, rec.data["__invalid__"])
-        prompt = parse_prompt(rec).prompt
-        comps = rec.data.get("completions")
-        if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
-            raise rec.error("completions", "must be a list of at least 2 texts")
+        policy.total += 1
+        try:
+            if "__invalid__" in rec.data:
+                raise rec.error(None, rec.data["__invalid__"])
+            prompt = parse_prompt(rec).prompt
+            comps = rec.data.get("completions")
+            if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
+                raise rec.error("completions", "must be a list of at least 2 texts")
+        except DataError as e:
+            policy.handle(e)
+            continue
         items.append(Item(prompt, comps, str(rec.data["id"]) if rec.data.get("id") is not None else None,
                           str(rec.data.get("model") or "given"), f"{rec.source}:{rec.location}"))
+    policy.report("records with completions")
+    if not items:
+        raise AlignkitError(f"{path}: no usable records with completions")
     return items
 
 
 def _sample(cfg: Config, prompts: list[PromptExample], engine: Engine) -> list[Item]:
-    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.data.collate import encode_prompts
+    from alignkit.models import load_causal_lm, load_tokenizer, model_context
     from alignkit.rollout import generate
 
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir)
     model = engine.place(load_causal_lm(cfg.model, trainable=False, tokenizer=tok))
+    prompts, prompt_ids = encode_prompts(tok, prompts, cfg.data.max_prompt_length, cfg.data.on_error,
+                                         context=model_context(model), max_new_tokens=cfg.generation.max_new_tokens)
+    if not prompts:
+        raise AlignkitError(f"{cfg.data.path}: every prompt was skipped (see the warning above)")
     bar, task = engine.progress(len(prompts) * cfg.k, f"label-ai: sampling {cfg.k} per prompt")
     with bar:
         gens = generate(model, tok, [p.prompt for p in prompts], cfg.generation, n=cfg.k, seed=cfg.run.seed,
-                        progress_cb=lambda n: bar.update(task, advance=n), engine=engine)
+                        prompt_ids=prompt_ids, progress_cb=lambda n: bar.update(task, advance=n), engine=engine)
     return [Item(p.prompt, [g.text for g in gens[i * cfg.k:(i + 1) * cfg.k]], p.id, cfg.model.name, p.loc)
             for i, p in enumerate(prompts)]
 
@@ -185,7 +202,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
     reward = build_reward(cfg.reward, device=engine.device)
 
     # 1. responses: the given completions, or K samples per prompt from the model (each process its share)
-    items = _given_completions(cfg.data.path, cfg.data.split, cfg.data.limit)
+    items = _given_completions(cfg.data.path, cfg.data.split, cfg.data.limit, cfg.data.on_error)
     if items is None:
         prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.on_error, cfg.data.kind, cfg.data.limit)
         items = _sample(cfg, prompts, engine)

@@ -37,7 +37,8 @@ from typing import Any
 
 import yaml
 
-from alignkit.config import build
+from alignkit.config import build, override_value
+from alignkit.data.io import read_yaml
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.runs import config_hash
 
@@ -61,12 +62,7 @@ class Pipeline:
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple = ()) -> Pipeline:
     """Read and check a pipeline file; stage configs are checked when each stage starts."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read pipeline ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    raw = read_yaml(path, "pipeline") or {}
     pipe = build(Pipeline, raw, str(path))
     from alignkit.cli import STAGES
 
@@ -90,11 +86,11 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple = ()) -> Pipeli
         if spec is None:
             raise ConfigError(f"command line: no stage named '{parts[1]}' in {path}")
         if isinstance(spec.config, str):
-            spec.config = yaml.safe_load(Path(spec.config).read_text()) or {}
+            spec.config = read_yaml(spec.config, f"stage '{spec.name}' config") or {}
         node = spec.config
         for part in parts[2:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = override_value(key, value)
     return pipe
 
 
@@ -119,7 +115,7 @@ def stage_config(pipe: Pipeline, spec: StageSpec, folders: dict[str, Path], sour
     module = importlib.import_module(STAGES[spec.stage][0])
     raw = spec.config
     if isinstance(raw, str):
-        raw = yaml.safe_load(Path(raw).read_text()) or {}
+        raw = read_yaml(raw, f"stage '{spec.name}' config") or {}
     raw = _resolve_refs(raw, folders, f"{source}: stage '{spec.name}'")
     raw.setdefault("run", {})
     raw["run"] = {**raw["run"], "name": pipe.name, "output_dir": pipe.output_dir}

@@ -52,11 +52,11 @@ from alignkit.actor_critic import ActorCritic, reference_forward
 from alignkit.advantages import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_shaped_rewards,
                                  masked_mean, masked_whiten)
 from alignkit.config import DataConfig, GenerationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, opt
-from alignkit.data.collate import encode_prompt
+from alignkit.data.collate import encode_prompts
 from alignkit.data.formats import load_prompts
-from alignkit.errors import AlignkitError, ConfigError, DataError
+from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import entropy_bonus, entropy_from_logits, ppo_policy_loss, ppo_value_loss
-from alignkit.models import is_peft, load_causal_lm, load_sequence_scorer, load_tokenizer
+from alignkit.models import is_peft, load_causal_lm, load_sequence_scorer, load_tokenizer, model_context
 from alignkit.rewards import build_reward
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout
 from alignkit.runs import RunDir
@@ -171,27 +171,17 @@ def load_value_model(cfg: Config, tok):
 # --------------------------------------------------------------------------- prompts
 
 
-def load_prompt_set(cfg: Config, tok) -> tuple[list, list[list[int]]]:
-    """The prompts and their token ids; a prompt over max_prompt_length is an error (or skipped)."""
+def load_prompt_set(cfg: Config, tok, context: int | None = None) -> tuple[list, list[list[int]]]:
+    """The prompts and their token ids; a prompt over max_prompt_length (or the model's context) is an
+    error, or skipped with data.prompts.on_error=skip."""
     d = cfg.data.prompts
     if not d.path:
         raise AlignkitError("data.prompts.path is empty: give a prompt file (data.prompts.path=prompts.jsonl) "
                             "or builtin:prompts")
     examples = load_prompts(d.path, d.split, d.on_error, kind=d.kind, limit=d.limit)
-    kept, ids, skipped = [], [], 0
-    for ex in examples:
-        p = encode_prompt(tok, ex.prompt)
-        if len(p) > d.max_prompt_length:
-            if d.on_error == "raise":
-                source, _, location = ex.loc.rpartition(":")
-                raise DataError(source or ex.loc, location or None, "prompt", f"prompt is {len(p)} tokens, "
-                                f"over data.prompts.max_prompt_length={d.max_prompt_length}")
-            skipped += 1
-            continue
-        kept.append(ex)
-        ids.append(p)
-    if skipped:
-        print(f"ppo: skipped {skipped} prompts over data.prompts.max_prompt_length={d.max_prompt_length}")
+    kept, ids = encode_prompts(tok, examples, d.max_prompt_length, d.on_error,
+                               setting="data.prompts.max_prompt_length", context=context,
+                               max_new_tokens=cfg.generation.max_new_tokens)
     if not kept:
         raise AlignkitError(f"{d.path}: no prompts to train on (split={d.split}, kind={d.kind})")
     return kept, ids
@@ -338,7 +328,7 @@ def build(cfg: Config, engine: Engine) -> Setup:
     # before prepare: a full fine-tuning reference is a frozen copy of the placed, unwrapped policy
     reference = reference_forward(ac.policy, engine.autocast)
     reward_fn = build_reward(cfg.reward.spec, device=engine.device)
-    prompts, prompt_ids = load_prompt_set(cfg, tok)
+    prompts, prompt_ids = load_prompt_set(cfg, tok, model_context(policy))
     optimizer = build_optimizer(ac, cfg)
     ac, optimizer, scheduler = engine.prepare(ac, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
     return Setup(tok, ac, reference, reward_fn, prompts, prompt_ids, optimizer, scheduler, kl_controller(cfg))

@@ -16,6 +16,13 @@ one request at a time (the model is shared; on a CPU parallel requests only
 fight over the cores). ``stream: true`` is answered as one chunk plus ``[DONE]``,
 so streaming clients work. It also makes an alignkit judge's endpoint backend
 usable against your own models (``judge.backend: openai``).
+
+No single request can hold the server: the body is capped (``--max-request-bytes``,
+413), the prompt plus ``max_tokens`` must fit the model's context (400 naming the
+field), one generation stops after ``--request-timeout`` seconds (the answer so
+far, ``finish_reason: "length"``), a request that finds the model busy for
+``--queue-timeout`` seconds gets 503 with Retry-After, and SIGTERM / Ctrl-C stops
+a running generation at its next token.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from alignkit.config import GenerationConfig, ModelConfig
+from alignkit.web import LimitBody, Seed
 
 MAX_N = 16
+MAX_REQUEST_BYTES = 1 << 20
 
 
 class Message(BaseModel):
@@ -51,7 +60,7 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool = False
 
@@ -66,16 +75,26 @@ def _content(value: Any) -> str:
 
 
 def create_app(model, tokenizer, model_id: str, max_tokens_limit: int = 1024, default_max_tokens: int = 256,
-               api_key: str | None = None):
-    """The FastAPI app serving ``model`` under the name ``model_id``."""
+               api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+               request_timeout: float = 120.0, queue_timeout: float = 10.0, stop: threading.Event | None = None):
+    """The FastAPI app serving ``model`` under the name ``model_id``.
+
+    ``stop``, once set, ends a running generation at its next token (the server sets it on SIGTERM).
+    """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
 
+    from alignkit.data.collate import encode_prompt
+    from alignkit.models import model_context
     from alignkit.rollout import generate
 
     app = FastAPI(title=f"alignkit serve: {model_id}")
+    app.add_middleware(LimitBody, limit_for=lambda path: max_request_bytes)
     lock = threading.Lock()
+    busy_until = [0.0]  # when the running generation must end at the latest (for Retry-After)
+    stop = stop or threading.Event()
+    context = model_context(model)
     created = int(time.time())
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
@@ -116,16 +135,32 @@ def create_app(model, tokenizer, model_id: str, max_tokens_limit: int = 1024, de
             return error(400, f"unsupported message role '{bad[0]}' (use system, user or assistant)",
                          param="messages")
         max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         if max_new > max_tokens_limit:
-            return error(400, f"max_tokens {max_new} is over this server's limit {max_tokens_limit}",
-                         param="max_tokens")
+            return error(400, f"{field} {max_new} is over this server's limit {max_tokens_limit}", param=field)
+        prompt_ids = encode_prompt(tokenizer, messages)
+        if context is not None and len(prompt_ids) >= context:
+            return error(400, f"the messages are {len(prompt_ids)} tokens; the model reads at most {context}",
+                         param="messages")
+        if context is not None and len(prompt_ids) + max_new > context:
+            return error(400, f"{field} {max_new} after a prompt of {len(prompt_ids)} tokens is over the model's "
+                              f"context of {context} tokens (at most {context - len(prompt_ids)})", param=field)
         temperature = 1.0 if req.temperature is None else req.temperature
         greedy = temperature == 0  # OpenAI's convention: temperature 0 means the most likely tokens
         gen = GenerationConfig(max_new_tokens=max_new, temperature=temperature if not greedy else 1.0,
                                top_p=req.top_p or 1.0, do_sample=not greedy, batch_size=MAX_N)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        with lock:
-            outs = generate(model, tokenizer, [messages], gen, n=req.n, seed=req.seed)
+        if not lock.acquire(timeout=queue_timeout):
+            wait = max(1, int(busy_until[0] - time.time()) + 1)
+            return JSONResponse({"error": {"message": f"the model is busy with another request; retry in {wait} s",
+                                           "type": "server_busy", "param": None, "code": None}}, 503,
+                                headers={"Retry-After": str(wait)})
+        try:
+            busy_until[0] = time.time() + request_timeout
+            outs = generate(model, tokenizer, [messages], gen, n=req.n, seed=req.seed, prompt_ids=[prompt_ids],
+                            max_time=request_timeout, stop=stop)
+        finally:
+            lock.release()
         choices, completion_tokens = [], 0
         for i, g in enumerate(outs):
             text, reason = g.text, "stop" if g.finished else "length"
@@ -169,6 +204,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--default-max-tokens", type=int, default=256, help="when a request gives no max_tokens")
     p.add_argument("--api-key-env", default=None,
                    help="require 'Authorization: Bearer KEY' where KEY is this environment variable's value")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES, help="larger request bodies get 413")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds one generation may run; then the answer so far is returned")
+    p.add_argument("--queue-timeout", type=float, default=10.0,
+                   help="seconds a request waits for a busy model before a 503 with Retry-After")
     return p
 
 
@@ -197,9 +237,20 @@ def make_server(argv: list[str]):
     cfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(cfg.name, cfg.cache_dir)
     model = Engine().place(load_causal_lm(cfg, trainable=False, tokenizer=tok))
-    app = create_app(model, tok, args.name or args.model, args.max_tokens_limit, args.default_max_tokens, api_key)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
-    return uvicorn.Server(config)
+    stop = threading.Event()
+    app = create_app(model, tok, args.name or args.model, args.max_tokens_limit, args.default_max_tokens, api_key,
+                     args.max_request_bytes, args.request_timeout, args.queue_timeout, stop)
+    # A short grace period: the running generation ends at its next token once `stop` is set.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server that also tells a running generation to stop when asked to exit."""
+
+        def handle_exit(self, sig, frame):
+            stop.set()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def cli(argv: list[str], stage: str = "serve") -> int:

@@ -26,6 +26,7 @@ runs the same loop on N GPUs, ``train.batch_size`` per process.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,7 @@ def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | P
     eval_units: list = encode_all(tok, eval_examples or [], cfg.data.max_length, cfg.data.on_error)
     if not train_units:
         raise AlignkitError("alignkit sft: every training example was skipped")
+    counts = {"examples": len(train_units), "skipped_examples": len(examples) - len(train_units)}
     if cfg.packing:
         # Pack in a seeded random order so rows mix the data set; rows are then
         # shuffled per epoch like examples.
@@ -268,7 +270,7 @@ def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | P
     # -- the final model (the last step logged the held-out loss)
     if eval_units and "eval_loss" not in metrics:  # resumed at the very end: nothing ran
         metrics.update(evaluate(model, eval_units, pad_id, cfg.train.batch_size, engine))
-    summary = {"steps": last_step, "train_loss": metrics.get("loss"),
+    summary = {"steps": last_step, **counts, "train_loss": metrics.get("loss"),
                **{k: v for k, v in metrics.items() if k.startswith("eval_")}}
     model.eval()
     engine.save_final(model, tok, run.final, extra={"kind": "sft", "base": cfg.model.name,
@@ -283,5 +285,9 @@ def main(cfg: Config, resume: bool = False) -> Path:
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
     engine = Engine(cfg.train.mixed_precision, seed=cfg.run.seed)
     final = train_sft(cfg, examples, run, eval_examples=eval_examples, resume=resume, engine=engine)
-    engine.print(f"alignkit sft: {len(examples)} examples -> {final}")
+    if engine.is_main:
+        done = json.loads((run.path / "DONE").read_text())
+        skipped = done.get("skipped_examples")
+        print(f"alignkit sft: {done.get('examples', len(examples))} examples"
+              + (f" ({skipped} over data.max_length skipped)" if skipped else "") + f" -> {final}")
     return final

@@ -81,7 +81,13 @@ def build_reward(spec: Any, **ctx) -> RewardFn:
 
 def check_scores(name: str, scores: Any, n: int) -> np.ndarray:
     """Scores as float64 (B,); a wrong count or a non-finite value is an error, never a zero."""
-    arr = np.asarray(scores, dtype=np.float64).reshape(-1)
+    try:
+        arr = np.asarray(scores, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        items = list(scores) if isinstance(scores, (list, tuple, np.ndarray)) else [scores]
+        bad = next((x for x in items if not isinstance(x, (int, float, np.number)) or isinstance(x, bool)), scores)
+        raise AlignkitError(f"reward '{name}' returned {bad!r} among its scores; a reward returns one number "
+                            f"per response") from None
     if arr.shape[0] != n:
         raise AlignkitError(f"reward '{name}' returned {arr.shape[0]} scores for {n} responses")
     bad = np.flatnonzero(~np.isfinite(arr))

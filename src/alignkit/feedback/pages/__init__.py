@@ -8,6 +8,8 @@ The guidelines are Markdown with raw HTML switched off.
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 from xml.etree.ElementTree import Element
 
@@ -18,7 +20,6 @@ from markdown.treeprocessors import Treeprocessor
 
 PAGES_DIR = Path(__file__).parent
 STATIC_DIR = PAGES_DIR / "static"
-SAFE_URL_PREFIXES = ("http://", "https://", "mailto:", "/", "#", "./", "../")
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(PAGES_DIR),
@@ -33,6 +34,22 @@ def render(template: str, **context) -> str:
     return _env.get_template(template).render(**context)
 
 
+SAFE_SCHEMES = ("http", "https", "mailto")
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.\-]*):")
+
+
+def safe_url(url: str) -> bool:
+    """Whether a link is relative or uses a safe scheme, read as a browser reads it.
+
+    A browser decodes character references (``javascript&#58;``) and drops tabs,
+    newlines and leading spaces or control characters before it reads the
+    scheme; so does this check, on the decoded text.
+    """
+    decoded = re.sub(r"[\x00-\x20\x7f]", "", html.unescape(url)).lower()
+    scheme = _SCHEME.match(decoded)
+    return scheme is None or scheme.group(1) in SAFE_SCHEMES
+
+
 class _DropUnsafeLinks(Treeprocessor):
     """Remove javascript:, data: and other schemes from links and images."""
 
@@ -40,7 +57,7 @@ class _DropUnsafeLinks(Treeprocessor):
         for el in root.iter():
             for attr in ("href", "src"):
                 url = el.get(attr)
-                if url is not None and ":" in url.split("/")[0] and not url.lower().startswith(SAFE_URL_PREFIXES):
+                if url is not None and not safe_url(url):
                     el.set(attr, "#")
 
 
