@@ -498,6 +498,8 @@ class Engine:
         for path in reversed(found):
             try:
                 meta = json.loads((path / CHECKPOINT_META).read_text())
+                # accelerate only logs an unreadable RNG state; resuming without it is not the same run
+                torch.load(path / f"random_states_{self.process_index}.pkl", weights_only=False)
                 # Optimizer, scheduler, RNG states (and sharded models) through accelerate; strict=False
                 # because an unsharded model's file holds its trainable weights only, loaded just below.
                 self.accelerator.load_state(str(path), strict=False)

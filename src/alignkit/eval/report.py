@@ -176,6 +176,8 @@ def _pairwise(summary: Mapping) -> list[dict]:
             "ties": int(entry["ties"]),
             "losses": int(entry["losses"]),
         }
+        if entry.get("warning"):
+            row["warning"] = str(entry["warning"])
         row["n"] = row["wins"] + row["ties"] + row["losses"]
         if "win_rate" in entry and "at_least_as_good" in entry:
             row["win_rate"] = _metric(entry["win_rate"])
@@ -406,6 +408,8 @@ def _pairwise_table(pairwise: Sequence[Mapping]) -> str:
             f'<td class="num">{_e(format_metric(r["at_least_as_good"]))}</td>'
             f'<td class="num">{_e(_format_pvalue(r["sign_test_pvalue"]))}</td></tr>'
         )
+        if r.get("warning"):
+            body += f'<tr><td colspan="9" class="note">warning: {_e(r["warning"])}</td></tr>'
     note = (
         '<p class="note">Win rate interval: bootstrap (BCa) over the items valued 1 / 0.5 / 0. '
         "At-least-as-good interval: Wilson score. Sign test: two-sided binomial test of wins "
