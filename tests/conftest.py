@@ -11,3 +11,15 @@ def tiny_tokenizer():
     from alignkit.models import load_tokenizer
 
     return load_tokenizer("tiny:llama", padding_side="right")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
+    OpenMP workers make them several times slower: a module uses this to run on one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,14 +14,7 @@ TEXTS = ["You are kind.", "Shut up, idiot, nobody likes you at all!", "ok"]
 PROMPTS = [[{"role": "user", "content": "hi"}]] * len(TEXTS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine
-    # spinning OpenMP workers make them several times slower: run these on one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save_classifier(folder, num_labels, id2label=None, seed=0):

@@ -33,15 +33,8 @@ from alignkit.runs import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _command(n: int, stage: str, args: list[str], accelerate_config: str | None = None) -> list[str]:

@@ -23,12 +23,7 @@ TINY_SFT = str(CONFIGS / "sft-tiny.yaml")
 PROMPT = [{"role": "user", "content": "How do I boil an egg?"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(tok):

@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from alignkit import cli
 from alignkit.data.io import DataWarning
@@ -25,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *args) -> tuple[int, str]:
