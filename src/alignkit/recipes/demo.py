@@ -1,6 +1,6 @@
 """The built-in demo: the whole loop on the built-in model, offline.
 
-    alignkit demo            # ~27 minutes on 2 CPU cores (stage times in the README)
+    alignkit demo            # ~22 minutes on 2 CPU cores (stage times in the README)
     alignkit demo --quick    # ~8 minutes: fewer prompts and steps, a smaller evaluation
 
 Runs ``alignkit/pipelines/demo.yaml`` (AI labels -> reward model -> PPO and DPO ->
