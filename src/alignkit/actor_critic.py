@@ -22,27 +22,35 @@ class ActorCritic(nn.Module):
     forward gives both; the value loss reaches the trunk only through vf_coef.
     Separate mode: a sequence scorer's backbone + its ``score`` head, read at every
     token (a reward model's head is a per-token value estimate's natural start).
+    ``critic=False`` (the critic-free optimisers): the policy alone, values None.
     """
 
-    def __init__(self, policy, value_model=None):
+    def __init__(self, policy, value_model=None, critic: bool = True):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+        self.has_critic = critic
         # FSDP wraps each decoder layer of the models inside (what transformers calls _no_split_modules).
         self._no_split_modules = sorted({name for m in (policy, value_model) if m is not None
                                          for module in m.modules()
                                          for name in (getattr(module, "_no_split_modules", None) or [])})
-        if value_model is None:
+        if value_model is None and critic:
             self.value_head = nn.Linear(policy.config.hidden_size, 1)
             # Zero: values start at 0 and the first value-loss gradients leave the trunk alone.
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
     @property
-    def critic(self) -> nn.Module:
+    def critic(self) -> nn.Module | None:
+        if not self.has_critic:
+            return None
         return self.value_model if self.value_model is not None else self.value_head
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
+        if not self.has_critic:
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              logits_to_keep=logits_to_keep, use_cache=False)
+            return out.logits, None
         shared = self.value_model is None
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           logits_to_keep=logits_to_keep, output_hidden_states=shared, use_cache=False)

@@ -253,6 +253,68 @@ def kl_shaped_rewards(
 
 
 @torch.no_grad()
+def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage: each sample's score against the other samples of its prompt.
+
+    Shao et al. 2024 (DeepSeekMath), sec. 4.1.2, outcome supervision:
+    ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``, the same for every
+    token of sample i. ``scale=False`` drops the division by the std, as Dr. GRPO
+    (Liu et al. 2025, sec. 3.2) does: dividing by a small std up-weights prompts
+    whose answers all score alike. The std is the sample std (n - 1), as TRL and
+    OpenRLHF compute it.
+
+    Args:
+        scores: ``(B,)`` with ``B = n_prompts * group_size``, prompt-major: the
+            ``group_size`` samples of prompt g are rows ``g*G .. g*G + G - 1``.
+        group_size: G >= 2.
+
+    Returns:
+        ``(B,)`` advantages (no gradient).
+    """
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"group_size must be >= 2 and divide the {scores.numel()} scores, got {group_size}")
+    groups = scores.float().view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+@torch.no_grad()
+def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantage: each sample's score minus the mean score of the *other* samples of its prompt.
+
+    Kool et al. 2019; Ahmadian et al. 2024, eq. 5:
+    ``A_i = r_i - 1/(G-1) * sum_{j != i} r_j``, an unbiased baseline (it does not
+    depend on sample i). Equal to ``G/(G-1) * (r_i - mean(r_group))``.
+
+    Args:
+        scores: ``(B,)`` prompt-major, as in :func:`group_advantages`.
+        group_size: G >= 2.
+
+    Returns:
+        ``(B,)`` advantages (no gradient).
+    """
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"group_size must be >= 2 and divide the {scores.numel()} scores, got {group_size}")
+    groups = scores.float().view(-1, group_size)
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+@torch.no_grad()
+def uniform_groups(scores: torch.Tensor, group_size: int, tol: float = 0.0) -> torch.Tensor:
+    """``(B / G,)`` bool: groups whose scores are all equal (within ``tol``).
+
+    Their group-relative advantages are all 0: they carry no signal and only
+    dilute the batch (DAPO's dynamic sampling, Yu et al. 2025, sec. 3.2, leaves
+    them out).
+    """
+    groups = scores.float().view(-1, group_size)
+    return (groups.max(dim=1).values - groups.min(dim=1).values) <= tol
+
+
+@torch.no_grad()
 def gae(
     values: torch.Tensor,
     rewards: torch.Tensor,

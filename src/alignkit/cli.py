@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "rm": ("alignkit.recipes.rm", "train a reward model on preferences or rankings"),
     "ppo": ("alignkit.recipes.ppo", "PPO against a reward (RLHF / RLAIF)"),
     "dpo": ("alignkit.recipes.dpo", "DPO / IPO / SimPO / KTO on preference data"),
+    "rl": ("alignkit.recipes.rl", "critic-free online RL: GRPO, RLOO, REINFORCE++, online DPO"),
     "best-of-n": ("alignkit.recipes.best_of_n", "rejection sampling: sample N, keep the best, fine-tune"),
     "label-ai": ("alignkit.recipes.label_ai", "AI feedback: rank K responses per prompt with a reward"),
     "cai": ("alignkit.recipes.cai", "Constitutional AI: critique/revise, then AI preference labels"),

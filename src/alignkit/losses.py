@@ -45,6 +45,9 @@ __all__ = [
     "kto_loss",
     "kto_reference_point",
     "ppo_policy_loss",
+    "clipped_policy_loss",
+    "aggregation_weights",
+    "kl_loss",
     "ppo_value_loss",
     "entropy_bonus",
     "kl_k1",
@@ -503,6 +506,8 @@ def ppo_policy_loss(
         pg_loss2 = -A * clip(ratio, 1 - eps, 1 + eps)
         loss     = masked mean over all valid tokens of max(pg_loss1, pg_loss2)
 
+    :func:`clipped_policy_loss` with a symmetric clip and ``token`` aggregation.
+
     Args:
         logprobs: ``(B, T)`` token log-probs under the policy being updated.
         old_logprobs: ``(B, T)`` the same tokens under the rollout policy
@@ -513,28 +518,93 @@ def ppo_policy_loss(
         num_tokens: for gradient accumulation (see the module docstring).
 
     Returns:
-        ``(loss, metrics)`` with metrics:
-        ``policy_loss``: this batch's token mean of the clipped objective;
-        ``clip_fraction``: share of valid tokens where the clipped term is the
-        active max (pg_loss2 > pg_loss1, so that token's gradient is 0);
-        ``approx_kl``: mean k3 estimate of KL(old || new), i.e.
-        (ratio - 1) - log ratio, which is >= 0 and unbiased on tokens sampled
-        from the old policy;
-        ``ratio_mean``, ``ratio_max``: over valid tokens (0 if there are none).
+        ``(loss, metrics)`` as :func:`clipped_policy_loss`.
+    """
+    mask = mask.bool()
+    denominator = float(num_tokens) if num_tokens is not None else float(mask.sum())
+    weights = mask.to(logprobs.dtype) / max(denominator, 1.0)
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps, weights)
+
+
+AGGREGATIONS = ("token", "sequence", "constant")
+
+
+def aggregation_weights(mask: torch.Tensor, aggregation: str, num_sequences: float, num_tokens: float,
+                        max_length: int) -> torch.Tensor:
+    """``(B, T)`` per-token weights that turn a per-token loss into the batch loss: ``sum(w * loss)``.
+
+    - ``token`` (DAPO, Yu et al. 2025, eq. 8): the mean over every token of the
+      batch, ``1 / num_tokens``: long answers weigh by their length;
+    - ``sequence`` (GRPO, Shao et al. 2024, eq. 3): each sequence's token mean,
+      then the mean over sequences, ``1 / (len_i * num_sequences)``: a token of a
+      short answer weighs more than one of a long answer;
+    - ``constant`` (Dr. GRPO, Liu et al. 2025, eq. 4): the token sum over a fixed
+      length, ``1 / (max_length * num_sequences)``: no length bias either way.
+
+    ``num_sequences`` and ``num_tokens`` are those of the whole minibatch (every
+    micro-batch, every process), so that accumulated gradients equal one big
+    batch's; ``len_i`` is row i's own valid-token count.
+    """
+    mask = mask.bool()
+    m = mask.float()
+    if aggregation == "token":
+        return m / max(num_tokens, 1.0)
+    if aggregation == "sequence":
+        lengths = m.sum(dim=-1, keepdim=True).clamp(min=1.0)
+        return m / (lengths * max(num_sequences, 1.0))
+    if aggregation == "constant":
+        return m / (max_length * max(num_sequences, 1.0))
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, Metrics]:
+    """The clipped surrogate with an asymmetric clip range, summed with per-token ``weights``.
+
+        ratio    = exp(logprobs - old_logprobs)
+        pg_loss1 = -A * ratio
+        pg_loss2 = -A * clip(ratio, 1 - clip_low, 1 + clip_high)
+        loss     = sum over valid tokens of weights * max(pg_loss1, pg_loss2)
+
+    ``clip_high > clip_low`` is DAPO's clip-higher (Yu et al. 2025, sec. 3.1): a
+    token with positive advantage may gain more probability before the clip
+    stops it, which keeps low-probability tokens from being locked out.
+
+    Args:
+        logprobs: ``(B, T)`` token log-probs under the policy being updated.
+        old_logprobs: ``(B, T)`` under the rollout policy (detached here).
+        advantages: ``(B, T)`` (detached here); a sequence-level advantage is
+            the same value on every token of its row.
+        mask: ``(B, T)``, True = generated token.
+        clip_low, clip_high: eps below and above 1.
+        weights: ``(B, T)`` from :func:`aggregation_weights` (0 on padding).
+
+    Returns:
+        ``(loss, metrics)``: ``policy_loss`` (this batch's token mean of the
+        clipped objective), ``clip_fraction`` (share of valid tokens whose
+        clipped term is the active max, so their gradient is 0), ``approx_kl``
+        (mean k3 estimate of KL(old || new), >= 0), ``ratio_mean``, ``ratio_max``.
     """
     mask = mask.bool()
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     old_logprobs = old_logprobs.detach()
     # Neutralise padding *before* the arithmetic: a huge padded log-ratio
     # overflows exp() to inf (or an advantage there is NaN), and 0 * inf in the
-    # backward pass gives NaN gradients even though the mean masks it out.
+    # backward pass gives NaN gradients even though the weights mask it out.
     advantages = torch.where(mask, advantages.detach(), zero)
     log_ratio = torch.where(mask, logprobs - old_logprobs, zero)
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     pg_loss = torch.max(pg_loss1, pg_loss2)
-    loss = _token_mean(pg_loss, mask, num_tokens)
+    loss = (torch.where(mask, pg_loss, zero) * weights.to(pg_loss.dtype)).sum()
 
     with torch.no_grad():
         ratio_valid = torch.where(mask, ratio, zero)
@@ -546,6 +616,26 @@ def ppo_policy_loss(
             "ratio_max": _item(ratio_valid.max()) if ratio_valid.numel() else 0.0,
         }
     return loss, metrics
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+            weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    """KL to the reference as a loss term (GRPO, Shao et al. 2024, eq. 4): the k3 estimate per token,
+    ``exp(ref - logp) - (ref - logp) - 1``, differentiable in ``logprobs``, summed with ``weights``.
+
+    Args:
+        logprobs: ``(B, T)`` under the policy being updated (with grad).
+        ref_logprobs: ``(B, T)`` under the frozen reference (detached here).
+        mask, weights: as :func:`clipped_policy_loss`.
+
+    Returns:
+        ``(loss, {"kl_loss": token mean of k3})``; multiply by beta in the recipe.
+    """
+    mask = mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    k3 = torch.where(mask, kl_k3(logprobs, ref_logprobs.detach()), zero)
+    loss = (k3 * weights.to(k3.dtype)).sum()
+    return loss, {"kl_loss": _item(masked_mean(k3.detach(), mask))}
 
 
 def ppo_value_loss(

@@ -340,7 +340,8 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     Args:
         actor_critic: an :class:`~alignkit.actor_critic.ActorCritic` (prepared by the
             engine or not): ``.policy`` samples, and
-            ``actor_critic(ids, attention, positions, logits_to_keep) -> (logits, values)``.
+            ``actor_critic(ids, attention, positions, logits_to_keep) -> (logits, values)``;
+            without a critic the rollout's values are 0 (GRPO, RLOO, ...).
         prompt_ids: token ids of the rendered prompts (all processes' prompts).
         gen: sampling settings; only ``temperature``, ``max_new_tokens`` and
             ``batch_size`` are used: sampling is always from the full softmax.
@@ -394,7 +395,8 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
         batch = (ids[sel].to(device), attn[sel].to(device), pos[sel].to(device), resp[sel].to(device))
         lp, v, _ = forward_responses(scorer, *batch, gen.temperature)
         ref_lp, _, _ = forward_responses(reference, *batch, gen.temperature)
-        rows += list(zip(lp.float().cpu(), ref_lp.float().cpu(), v.cpu()))
+        v = torch.zeros_like(lp) if v is None else v  # a critic-free policy: values are 0
+        rows += list(zip(lp.float().cpu(), ref_lp.float().cpu(), v.float().cpu()))
     rows = engine.gather(rows)
     logprobs, ref_logprobs, values = (torch.stack([r[k] for r in rows]) if rows else torch.zeros(resp.shape)
                                       for k in range(3))

@@ -52,15 +52,14 @@ from alignkit.actor_critic import ActorCritic, reference_forward
 from alignkit.advantages import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_shaped_rewards,
                                  masked_mean, masked_whiten)
 from alignkit.config import DataConfig, GenerationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, opt
-from alignkit.data.collate import encode_prompts
-from alignkit.data.formats import load_prompts
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import entropy_bonus, entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from alignkit.models import is_peft, load_causal_lm, load_sequence_scorer, load_tokenizer, model_context
 from alignkit.rewards import build_reward
+from alignkit.online import load_prompt_set, mean_metrics, memory_metrics, plot_curves, prompt_batch, score_rollout
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout
 from alignkit.runs import RunDir
-from alignkit.training import Engine, NonFiniteError, build_scheduler, epoch_order
+from alignkit.training import Engine, build_scheduler
 
 STAGE = "ppo"
 
@@ -168,65 +167,7 @@ def load_value_model(cfg: Config, tok):
     return scorer
 
 
-# --------------------------------------------------------------------------- prompts
-
-
-def load_prompt_set(cfg: Config, tok, context: int | None = None) -> tuple[list, list[list[int]]]:
-    """The prompts and their token ids; a prompt over max_prompt_length (or the model's context) is an
-    error, or skipped with data.prompts.on_error=skip."""
-    d = cfg.data.prompts
-    if not d.path:
-        raise AlignkitError("data.prompts.path is empty: give a prompt file (data.prompts.path=prompts.jsonl) "
-                            "or builtin:prompts")
-    examples = load_prompts(d.path, d.split, d.on_error, kind=d.kind, limit=d.limit)
-    kept, ids = encode_prompts(tok, examples, d.max_prompt_length, d.on_error,
-                               setting="data.prompts.max_prompt_length", context=context,
-                               max_new_tokens=cfg.generation.max_new_tokens)
-    if not kept:
-        raise AlignkitError(f"{d.path}: no prompts to train on (split={d.split}, kind={d.kind})")
-    return kept, ids
-
-
-def prompt_batch(n_prompts: int, batch: int, seed: int, step: int) -> list[int]:
-    """Prompt indices of iteration ``step`` (1-based): a reshuffled pass over the set per epoch.
-
-    A pure function of (seed, step), so the data position of a resumed run is its step.
-    """
-    start = (step - 1) * batch
-    out = []
-    for k in range(start, start + batch):
-        epoch, i = divmod(k, n_prompts)
-        out.append(epoch_order(n_prompts, seed, epoch)[i])
-    return out
-
-
 # --------------------------------------------------------------------------- phases
-
-
-def score_rollout(reward_fn, prompts: list, rollout: Rollout, no_eos_penalty: float | None,
-                  engine=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scores, raw_scores)``, ``(N,)``: the reward, with the no-EOS penalty applied to unfinished responses.
-
-    With an engine, each process scores its contiguous share of the rows and every
-    process gets all scores. The penalty replaces the score; the response itself is
-    left as sampled (writing EOS over its last token would train on an action the
-    policy never took).
-    """
-    from alignkit.training import SingleProcess
-
-    engine = engine or SingleProcess()
-    rows = engine.shard(list(range(len(rollout))))
-    with engine.together():
-        mine = reward_fn([prompts[int(rollout.prompt_index[i])] for i in rows], [rollout.texts[i] for i in rows])
-        mine = [float(x) for x in mine]
-    raw = torch.tensor(engine.gather(mine), dtype=torch.float32)
-    bad = torch.nonzero(~torch.isfinite(raw)).flatten()
-    if len(bad):
-        raise NonFiniteError(f"reward '{reward_fn.name}' gave a non-finite score to response {int(bad[0])}")
-    scores = raw
-    if no_eos_penalty is not None:
-        scores = torch.where(rollout.finished, raw, torch.full_like(raw, no_eos_penalty))
-    return scores, raw
 
 
 def ppo_update(ac: ActorCritic, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor, optimizer,
@@ -279,26 +220,6 @@ def ppo_update(ac: ActorCritic, rollout: Rollout, advantages: torch.Tensor, retu
     return records
 
 
-MEAN_KEYS = ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean",
-             "value_clip_fraction")
-
-
-def mean_metrics(records: list[dict[str, float]], engine=None) -> dict[str, float]:
-    """Token-weighted means of the update's metrics over every process's micro-batches (ratio_max: the max)."""
-    from alignkit.training import SingleProcess
-
-    engine = engine or SingleProcess()
-    sums = {k: sum(r[k] * r["tokens"] for r in records) for k in MEAN_KEYS}
-    sums["tokens"] = sum(r["tokens"] for r in records)
-    norms = [r["grad_norm"] for r in records if "grad_norm" in r]
-    sums = engine.reduce_sum(sums)
-    total = sums["tokens"] or 1.0
-    out = {k: sums[k] / total for k in MEAN_KEYS}
-    out["ratio_max"] = engine.reduce_max(max((r["ratio_max"] for r in records), default=0.0))
-    out["grad_norm"] = sum(norms) / len(norms) if norms else None  # the same on every process
-    return out
-
-
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -328,7 +249,7 @@ def build(cfg: Config, engine: Engine) -> Setup:
     # before prepare: a full fine-tuning reference is a frozen copy of the placed, unwrapped policy
     reference = reference_forward(ac.policy, engine.autocast)
     reward_fn = build_reward(cfg.reward.spec, device=engine.device)
-    prompts, prompt_ids = load_prompt_set(cfg, tok, model_context(policy))
+    prompts, prompt_ids = load_prompt_set(cfg.data.prompts, tok, model_context(policy), cfg.generation.max_new_tokens)
     optimizer = build_optimizer(ac, cfg)
     ac, optimizer, scheduler = engine.prepare(ac, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
     return Setup(tok, ac, reference, reward_fn, prompts, prompt_ids, optimizer, scheduler, kl_controller(cfg))
@@ -451,8 +372,7 @@ def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict
         "no_eos_share": 1.0 - rollout.finished.float().mean().item(),
         "value_mean": masked_mean(rollout.values, mask).item(),
         "tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
-        "memory/peak_rss_mb": peak_rss_mb(),
-        **({"memory/peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}),
+        **memory_metrics(),
         "lr": lr,
         "time/rollout": t1 - t0,
         "time/score": t2 - t1,
@@ -462,40 +382,3 @@ def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict
                                         scores.tolist())],
     }
     return metrics, records
-
-
-def peak_rss_mb() -> float | None:
-    """The process's peak resident memory so far (Linux/macOS), in MiB."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def plot_curves(run: RunDir) -> None:
-    """Score and KL over steps, as curves.png in the run folder."""
-    from alignkit.runs import read_metrics
-
-    rows = read_metrics(run.path)
-    if not rows:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    panels = (("score/mean", "score (mean)"), ("kl", "KL to reference (nats / sequence)"))
-    for ax, (key, label) in zip(axes, panels):
-        ax.plot(steps, [r.get(key) for r in rows], marker="o", markersize=2)
-        ax.set_xlabel("step")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run.path / "curves.png", dpi=110)
-    plt.close(fig)
