@@ -225,6 +225,22 @@ def test_ppo_two_processes_equal_one_with_twice_the_batch_and_resume_after_a_kil
     assert_main_process_wrote(two, 2)
 
 
+def test_grpo_two_processes_equal_one_with_twice_the_batch_and_resume_after_a_kill(tmp_path):
+    # 8 prompts x 4 answers per step in both (4 prompts per process); the groups, the
+    # token counts of the aggregation and the KL loss see every process's answers.
+    shared = ["rl.steps=6", "generation.max_new_tokens=4", "rl.epochs=2", "train.grad_accum=2",
+              "reward.spec=rule:length:4", "rl.aggregation=sequence", "rl.clip_eps_high=0.28",
+              "train.learning_rate=1e-4", "train.save_every=1"]
+    one, two, _ = one_then_two(tmp_path, "rl", "grpo-tiny.yaml",
+                               ["rl.prompts_per_step=8", "rl.minibatch_size=16", "generation.batch_size=32"],
+                               ["rl.prompts_per_step=4", "rl.minibatch_size=8", "generation.batch_size=16"], shared)
+    keys = ("policy_loss", "kl_loss", "score/mean", "score/std", "kl", "entropy", "clip_fraction", "approx_kl",
+            "ratio_max", "response_length", "grad_norm")
+    assert_same_curve(one, two, keys)
+    assert_same_weights(one / "final", two / "final")
+    assert_main_process_wrote(two, 2)
+
+
 # --------------------------------------------------------------------------- sampling stages
 
 

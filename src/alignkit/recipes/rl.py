@@ -336,7 +336,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
         with bar:
             bar.update(task, completed=start.step)
             for step in range(start.step + 1, r.steps + 1):
-                last = rl_step(step, cfg, setup, engine)
+                last, _ = rl_step(step, cfg, setup, engine)
                 if step % cfg.train.log_every == 0 or step == r.steps:
                     engine.log(step, {k: v for k, v in last.items() if not k.startswith("_")})
                 if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == r.steps:
@@ -360,8 +360,11 @@ def main(cfg: Config, resume: bool = False) -> dict:
     return summary
 
 
-def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> dict:
-    """One iteration: rollout, score, advantages (or pairs), update. Returns its metrics."""
+def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict, list[dict]]:
+    """One iteration: rollout, score, advantages (or pairs), update.
+
+    Returns its metrics and the update's per-micro-batch records (this process's).
+    """
     r = cfg.rl
     idx = prompt_batch(len(setup.prompts), r.prompts_per_step * engine.num_processes, cfg.run.seed, step)
     batch_prompts = [setup.prompts[i].prompt for i in idx]
@@ -401,7 +404,7 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> dict:
     mask = rollout.mask
     seq_kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)
     n_tokens = int(mask.sum())
-    return {
+    metrics = {
         "score/mean": scores.mean().item(),
         "score/std": scores.std().item() if len(scores) > 1 else 0.0,
         "score/raw_mean": raw.mean().item(),
@@ -421,3 +424,4 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> dict:
                      for m, text, s in zip([batch_prompts[int(i)] for i in rollout.prompt_index], rollout.texts,
                                            scores.tolist())],
     }
+    return metrics, records
