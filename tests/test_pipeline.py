@@ -96,3 +96,71 @@ def test_builtin_demo_pipeline_stage_configs_are_valid(tmp_path, quick):
     assert ev.samples_per_prompt >= 2  # paired intervals need more than one sample per prompt
     assert ("ppo", "start") in {(p.model_a, p.model_b) for p in ev.pairwise}
     assert (ppo.ppo.steps <= 6) == quick  # the --quick overrides reach the stages
+
+
+ROUNDS = ROOT / "configs" / "rounds-tiny.yaml"
+
+
+@pytest.mark.slow
+def test_two_rounds_each_labelling_the_last_policy_then_a_rerun_skips(tmp_path):
+    out = run(ROUNDS, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    base = tmp_path / "runs" / "tiny-rounds"
+    r1, r2 = base / "round-1", base / "round-2"
+    # round 2 labels the answers of the policy round 1 ended with (its provenance says so)...
+    rankings = [json.loads(line) for line in (r2 / "label-ai" / "final" / "rankings.jsonl").read_text().splitlines()]
+    assert {r["provenance"]["model"] for r in rankings} == {str(Path("runs/tiny-rounds/round-1/ppo/final"))}
+    # ...its reward model learns from both rounds' labels...
+    n1 = len((r1 / "label-ai" / "final" / "pairs.jsonl").read_text().splitlines())
+    n2 = len((r2 / "label-ai" / "final" / "pairs.jsonl").read_text().splitlines())
+    rm_cfg = yaml.safe_load((r2 / "rm" / "config.yaml").read_text())
+    merged = tmp_path / rm_cfg["data"]["path"]
+    assert len(merged.read_text().splitlines()) == n1 + n2 > n2 > 0
+    # ...and its PPO continues from round 1's policy, against round 2's reward model
+    ppo_cfg = yaml.safe_load((r2 / "ppo" / "config.yaml").read_text())
+    assert ppo_cfg["model"]["name"] == str(Path("runs/tiny-rounds/round-1/ppo/final"))
+    assert ppo_cfg["reward"]["spec"] == f"rm:{Path('runs/tiny-rounds/round-2/rm/final')}"
+    # the evaluation has a row per round and a curve over rounds
+    metrics = json.loads((base / "eval" / "final" / "metrics.json").read_text())
+    assert [(r["round"], r["model"]) for r in metrics["rounds"]] == [(0, "start"), (1, "round-1"), (2, "round-2")]
+    report = (base / "eval" / "final" / "report.html").read_text()
+    assert 'id="rounds-table"' in report and 'id="plot-rounds"' in report
+
+    again = run(ROUNDS, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 7
+
+
+@pytest.mark.slow
+def test_human_labels_stand_in_for_a_rounds_ai_labels(tmp_path):
+    human = tmp_path / "preferences.jsonl"  # what `alignkit label export` writes
+    human.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"A kind answer {i}.",
+                                         "rejected": f"A rude answer {i}!"}) + "\n" for i in range(5)))
+    pipe = yaml.safe_load(ROUNDS.read_text())
+    pipe["rounds"]["labels"] = {2: str(human)}
+    pipe["after"] = []
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipe))
+    out = run(tmp_path / "p.yaml", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "labels from" in out.stdout and out.stdout.count(": running (") == 5  # round 2 label-ai did not run
+    r2 = tmp_path / "runs" / "tiny-rounds" / "round-2"
+    pairs = [json.loads(line) for line in (r2 / "label-ai" / "final" / "pairs.jsonl").read_text().splitlines()]
+    assert [p["chosen"] for p in pairs] == [f"A kind answer {i}." for i in range(5)]
+    rm_cfg = yaml.safe_load((r2 / "rm" / "config.yaml").read_text())
+    assert "A rude answer 4!" in (tmp_path / rm_cfg["data"]["path"]).read_text()  # round 2's RM saw them
+    assert run(tmp_path / "p.yaml", cwd=tmp_path).stdout.count("skipped") == 6
+
+
+def test_rounds_errors(tmp_path):
+    bad = tmp_path / "p.yaml"
+    base = "name: x\nrounds:\n  count: 2\n  start: tiny:llama\n  stages:\n    - {name: a, stage: sft}\n"
+    bad.write_text(base + "  policy: nope\n")
+    with pytest.raises(ConfigError, match="'rounds.policy' must name a stage of the rounds"):
+        load_pipeline(bad)
+    bad.write_text(base + "  policy: a\n  labels: {3: x.jsonl}\n")
+    with pytest.raises(ConfigError, match="'rounds.labels': 3 is not a round"):
+        load_pipeline(bad)
+    bad.write_text("name: x\nstages:\n  - {name: a, stage: sft, config: {model: {name: '${policy}'}}}\n")
+    from alignkit.recipes.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match="only defined inside rounds"):
+        run_pipeline(bad)

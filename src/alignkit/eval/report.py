@@ -84,6 +84,8 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("rm_accuracy", "RM accuracy"),
 )
 METRIC_LABELS = dict(METRICS)
+# What the per-round table and curve show, when models carry a round (pipelines with rounds).
+ROUND_METRICS = ("toxicity_mean", "reward_score", "kl_to_reference", "distinct_2")
 
 # Training-curve panels: label, then the JSONL keys that may hold it (first found wins).
 CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -163,6 +165,19 @@ def _models(summary: Mapping) -> list[dict]:
             }
         )
     return models
+
+
+def _rounds(summary: Mapping) -> list[dict]:
+    """``[{round, model, metrics}]`` for the models that carry a round number, by round."""
+    by_name = {m["name"]: m for m in _models(summary)}
+    rows = []
+    for entry in summary.get("rounds", []):
+        model = by_name.get(str(entry.get("model")))
+        if model is None:
+            continue
+        metrics = {k: model["metrics"][k] for k in ROUND_METRICS if k in model["metrics"]}
+        rows.append({"round": int(entry["round"]), "model": model["name"], "metrics": metrics})
+    return sorted(rows, key=lambda r: r["round"])
 
 
 def _pairwise(summary: Mapping) -> list[dict]:
@@ -318,6 +333,37 @@ def plot_training_curves(curves: Mapping[str, Sequence[Mapping]]) -> str | None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     return _png_data_uri(figure)
+
+
+def plot_rounds(rounds: Sequence[Mapping]) -> str | None:
+    """One panel per round metric: its value (and interval) after each round."""
+    keys = [k for k in ROUND_METRICS if any(_number(r["metrics"].get(k, {}).get("value")) is not None for r in rounds)]
+    if len(rounds) < 1 or not keys:
+        return None
+    figure = _new_figure(3.2 * len(keys), 2.8)
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        points = [(r["round"], r["metrics"][key]) for r in rounds if r["metrics"].get(key, {}).get("value") is not None]
+        xs = [x for x, _ in points]
+        ys = [m["value"] for _, m in points]
+        low = [m["value"] - m["low"] if m.get("low") is not None else 0.0 for _, m in points]
+        high = [m["high"] - m["value"] if m.get("high") is not None else 0.0 for _, m in points]
+        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, linewidth=1.5)
+        ax.set_title(_label(key))
+        ax.set_xlabel("round")
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    return _png_data_uri(figure)
+
+
+def _rounds_table(rounds: Sequence[Mapping]) -> str:
+    keys = [k for k in ROUND_METRICS if any(k in r["metrics"] for r in rounds)]
+    head = "<tr><th>round</th><th>model</th>" + "".join(f"<th>{_e(_label(k))}</th>" for k in keys) + "</tr>"
+    body = "".join(
+        f'<tr><td class="num">{r["round"]}</td><td>{_e(r["model"])}</td>'
+        + "".join(f'<td class="num">{_e(format_metric(r["metrics"].get(k)))}</td>' for k in keys) + "</tr>"
+        for r in rounds)
+    return f'<table id="rounds-table"><thead>{head}</thead><tbody>{body}</tbody></table>'
 
 
 def plot_toxicity_histograms(models: Sequence[Mapping]) -> str | None:
@@ -480,6 +526,10 @@ def render_html(summary: Mapping, *, title: str | None = None, max_samples: int 
             "(before - after) / before. Expected max toxicity and the share of prompts with a sample "
             "&gt;= 0.5 follow RealToxicityPrompts (Gehman et al. 2020).</p>"
         )
+    rounds = _rounds(summary)
+    if rounds:
+        sections += ["<h2>Rounds</h2>", _rounds_table(rounds),
+                     _figure(plot_rounds(rounds), "plot-rounds", "each round's policy on the held-out prompts")]
     if pairwise:
         sections += ["<h2>Pairwise comparisons</h2>", _pairwise_table(pairwise)]
         bars = plot_win_tie_loss(pairwise)
@@ -516,6 +566,7 @@ def metrics_dict(summary: Mapping, *, title: str | None = None) -> dict:
                 for m in models
             ],
             "pairwise": _pairwise(summary),
+            "rounds": _rounds(summary),
             "curves": {
                 run: {"n_rows": len(rows), "last": rows[-1] if rows else None} for run, rows in curves.items()
             },

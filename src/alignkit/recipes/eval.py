@@ -59,6 +59,8 @@ class EvalModel:
     best_of: int = opt(1, ge=1, help="inference-time best-of-N: each sample is the highest-reward of N "
                                      "drawn from this model")
     best_of_reward: str = opt("", help="the reward spec that picks the best of N; default: reward_model")
+    round: int | None = opt(None, ge=0, help="the pipeline round that made this model: the report adds a "
+                                            "per-round table and curve")
 
 
 @dataclass
@@ -310,6 +312,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
                 **judge_notes},
         "models": report_models,
         "pairwise": pairwise,
+        "rounds": [{"round": e.round, "model": m.name} for e, m in zip(cfg.models, models) if e.round is not None],
         "curves": {m.name: rows for m in models if m.curves_dir and (rows := read_metrics(m.curves_dir))},
         "samples": _sample_rows(prompts, models, scores, k, cfg.report_samples),
     }
