@@ -164,3 +164,16 @@ def test_rounds_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="only defined inside rounds"):
         run_pipeline(bad)
+
+
+def test_two_stages_of_one_kind_get_folders_of_their_own(tmp_path):
+    from alignkit.recipes.pipeline import folder_of, plan, stage_config
+
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\noutput_dir: out\nstages:\n  - {name: grpo, stage: rl}\n  - {name: rloo, stage: rl}\n"
+                 "  - {name: sft, stage: sft}\n")
+    pipe = load_pipeline(p)
+    folders = [folder_of(pipe, step) for step in plan(pipe)]
+    assert folders == [Path("out/x/grpo/rl"), Path("out/x/rloo/rl"), Path("out/x/sft")]
+    _, cfg = stage_config(pipe, pipe.stages[1], {}, "p.yaml", plan(pipe)[1])
+    assert Path(cfg.run.output_dir) / cfg.run.name / "rl" == folders[1]  # where the recipe writes

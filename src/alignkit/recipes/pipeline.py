@@ -174,9 +174,18 @@ def plan(pipe: Pipeline) -> list[Step]:
     return steps + [Step(s) for s in pipe.after]
 
 
+def _run_name(pipe: Pipeline, step: Step) -> str:
+    """The run name a step's stage writes under: the pipeline's, in a round's folder, and in the
+    stage's own name when its block has two stages of the same kind (two ``rl`` runs, say)."""
+    name = pipe.name if step.round is None else f"{pipe.name}/round-{step.round}"
+    block = pipe.rounds.stages if step.round is not None else pipe.stages + pipe.after
+    if sum(s.stage == step.spec.stage for s in block) > 1:
+        name = f"{name}/{step.spec.name}"
+    return name
+
+
 def folder_of(pipe: Pipeline, step: Step) -> Path:
-    base = Path(pipe.output_dir) / pipe.name
-    return (base if step.round is None else base / f"round-{step.round}") / step.spec.stage
+    return Path(pipe.output_dir) / _run_name(pipe, step) / step.spec.stage
 
 
 def _resolve_refs(value: Any, lookup, where: str) -> Any:
@@ -227,8 +236,7 @@ def stage_config(pipe: Pipeline, spec: StageSpec, folders: dict[str, Path], sour
     label = spec.name if step.round is None else f"{spec.name}' (round {step.round})"
     raw = _resolve_refs(raw, lookup, f"{source}: stage '{label}'".replace("'' (", "' ("))
     raw.setdefault("run", {})
-    name = pipe.name if step.round is None else f"{pipe.name}/round-{step.round}"
-    raw["run"] = {**raw["run"], "name": name, "output_dir": pipe.output_dir}
+    raw["run"] = {**raw["run"], "name": _run_name(pipe, step), "output_dir": pipe.output_dir}
     cfg = build(module.Config, raw, f"{source}: stage '{spec.name}'")
     return module, cfg
 
