@@ -231,7 +231,7 @@ def test_grpo_two_processes_equal_one_with_twice_the_batch_and_resume_after_a_ki
     shared = ["rl.steps=6", "generation.max_new_tokens=4", "rl.epochs=2", "train.grad_accum=2",
               "reward.spec=rule:length:4", "rl.aggregation=sequence", "rl.clip_eps_high=0.28",
               "train.learning_rate=1e-4", "train.save_every=1"]
-    one, two, _ = one_then_two(tmp_path, "rl", "grpo-tiny.yaml",
+    one, two, _ = one_then_two(tmp_path, "rl", "rl-grpo-tiny.yaml",
                                ["rl.prompts_per_step=8", "rl.minibatch_size=16", "generation.batch_size=32"],
                                ["rl.prompts_per_step=4", "rl.minibatch_size=8", "generation.batch_size=16"], shared)
     keys = ("policy_loss", "kl_loss", "score/mean", "score/std", "kl", "entropy", "clip_fraction", "approx_kl",

@@ -98,7 +98,7 @@ def test_builtin_demo_pipeline_stage_configs_are_valid(tmp_path, quick):
     assert (ppo.ppo.steps <= 6) == quick  # the --quick overrides reach the stages
 
 
-ROUNDS = ROOT / "configs" / "rounds-tiny.yaml"
+ROUNDS = ROOT / "configs" / "run-rounds-tiny.yaml"
 
 
 @pytest.mark.slow

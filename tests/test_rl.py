@@ -18,7 +18,7 @@ from alignkit.rollout import Rollout
 from alignkit.runs import read_metrics
 from alignkit.training import Engine
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "grpo-tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "configs" / "rl-grpo-tiny.yaml"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Two groups of G = 3 answers, prompt-major: group 1 scores 1, 2, 6; group 2 scores 0, 0, 3.

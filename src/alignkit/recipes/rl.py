@@ -1,9 +1,9 @@
 """Critic-free online RL: GRPO (and the DAPO / Dr. GRPO variants), RLOO, REINFORCE++ and online DPO.
 
-    alignkit rl --config configs/grpo-tiny.yaml                          # seconds, tiny random model
-    alignkit rl --config configs/grpo.yaml                               # SmolLM2-135M + LoRA
-    alignkit rl --config configs/grpo.yaml rl.algorithm=rloo
-    alignkit rl --config configs/grpo.yaml rl.algorithm=online_dpo rl.samples_per_prompt=2
+    alignkit rl --config configs/rl-grpo-tiny.yaml                          # seconds, tiny random model
+    alignkit rl --config configs/rl-grpo.yaml                               # SmolLM2-135M + LoRA
+    alignkit rl --config configs/rl-grpo.yaml rl.algorithm=rloo
+    alignkit rl --config configs/rl-grpo.yaml rl.algorithm=online_dpo rl.samples_per_prompt=2
 
 No value model: the baseline comes from the other samples of the same prompt (GRPO,
 RLOO), from the whole batch (REINFORCE++), or there is none because the update is a
