@@ -80,7 +80,8 @@ class DataConfig:
     limit: int | None = opt(None, ge=1, help="use only the first N records")
     eval_path: str = ""
     eval_fraction: float = opt(0.0, ge=0, lt=1, help="hold out this share when eval_path is empty")
-    kind: str | None = opt(None, help="builtin:prompts only: helpful or red_team")
+    kind: str | None = opt(None, help="only the records of this kind (their 'kind' field; builtin:prompts: "
+                                      "helpful or red_team); label-ai writes each pair's prompt kind")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from alignkit.config import DataConfig
 from alignkit.data.collate import encode_prompts
 from alignkit.data.formats import load_prompts
 from alignkit.errors import AlignkitError
+from alignkit.rewards.combine import call_reward
 from alignkit.rollout import Rollout
 from alignkit.runs import RunDir, read_metrics
 from alignkit.training import NonFiniteError, SingleProcess, epoch_order
@@ -51,18 +52,21 @@ def prompt_batch(n_prompts: int, batch: int, seed: int, step: int) -> list[int]:
 
 
 def score_rollout(reward_fn, prompts: list, rollout: Rollout, no_eos_penalty: float | None,
-                  engine=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  engine=None, kinds: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores, raw_scores)``, ``(N,)``: the reward, with the no-EOS penalty applied to unfinished responses.
 
-    With an engine, each process scores its contiguous share of the rows and every
-    process gets all scores. The penalty replaces the score; the response itself is
+    ``kinds[j]`` is prompt j's tag (``red_team``, ``helpful``), passed to rewards that route
+    on it (the gated reward). With an engine, each process scores its contiguous share of
+    the rows and every process gets all scores. The penalty replaces the score; the response itself is
     left as sampled (writing EOS over its last token would train on an action the
     policy never took).
     """
     engine = engine or SingleProcess()
     rows = engine.shard(list(range(len(rollout))))
     with engine.together():
-        mine = reward_fn([prompts[int(rollout.prompt_index[i])] for i in rows], [rollout.texts[i] for i in rows])
+        which = [int(rollout.prompt_index[i]) for i in rows]
+        mine = call_reward(reward_fn, [prompts[j] for j in which], [rollout.texts[i] for i in rows],
+                           None if kinds is None else [kinds[j] for j in which])
         mine = [float(x) for x in mine]
     raw = torch.tensor(engine.gather(mine), dtype=torch.float32)
     bad = torch.nonzero(~torch.isfinite(raw)).flatten()
@@ -72,6 +76,27 @@ def score_rollout(reward_fn, prompts: list, rollout: Rollout, no_eos_penalty: fl
     if no_eos_penalty is not None:
         scores = torch.where(rollout.finished, raw, torch.full_like(raw, no_eos_penalty))
     return scores, raw
+
+
+def rollout_samples(prompts: list, kinds: list, rollout: Rollout, scores: torch.Tensor) -> list[dict]:
+    """The rollout as rows for samples.jsonl: prompt (last turn), kind when tagged, response, score."""
+    rows = []
+    for i, text, score in zip(rollout.prompt_index.tolist(), rollout.texts, scores.tolist()):
+        row = {"prompt": prompts[int(i)][-1]["content"]}
+        if kinds[int(i)] is not None:
+            row["kind"] = kinds[int(i)]
+        rows.append({**row, "response": text, "score": score})
+    return rows
+
+
+def kind_scores(kinds: list, rollout: Rollout, scores: torch.Tensor) -> dict[str, float]:
+    """``score/KIND``: the mean score of each prompt kind in the rollout (two-sided runs watch both)."""
+    per_row = [kinds[int(i)] for i in rollout.prompt_index.tolist()]
+    out = {}
+    for kind in sorted({k for k in per_row if k is not None}):
+        picked = torch.tensor([k == kind for k in per_row])
+        out[f"score/{kind}"] = scores[picked].mean().item()
+    return out
 
 
 def mean_metrics(records: list[dict[str, float]], engine=None) -> dict[str, float]:

@@ -187,12 +187,16 @@ def finite_number(rec: Record, key: str, value: Any) -> float:
 # --------------------------------------------------------------------------- loaders
 
 
-def _load(path: str, split: str, on_error: str, parse, what: str, limit: int | None = None) -> list:
+def _load(path: str, split: str, on_error: str, parse, what: str, limit: int | None = None,
+          kind: str | None = None) -> list:
+    """Parse every record (``kind``: only those tagged so; an unreadable line is still an error)."""
     policy = ErrorPolicy(on_error)
     out: list = []
     for rec in read_records(path, split):
         if limit is not None and len(out) >= limit:
             break
+        if kind is not None and "__invalid__" not in rec.data and rec.data.get("kind") != kind:
+            continue
         policy.total += 1
         try:
             _check_invalid(rec)
@@ -205,7 +209,7 @@ def _load(path: str, split: str, on_error: str, parse, what: str, limit: int | N
         out.extend(parsed if isinstance(parsed, list) else [parsed])
     policy.report(what)
     if not out:
-        raise AlignkitError(f"{path}: no usable {what}")
+        raise AlignkitError(f"{path}: no usable {what}" + (f" of kind {kind!r}" if kind is not None else ""))
     return out
 
 
@@ -398,8 +402,10 @@ def detect_format(rec: Record) -> str:
 
 
 def load_preferences(path: str, split: str = "train", on_error: str = "raise", fmt: str = "auto",
-                     aggregate: str = "per_labeler", limit: int | None = None) -> list[PreferencePair]:
-    """Preference pairs from pair files, HH transcripts or rankings (expanded)."""
+                     aggregate: str = "per_labeler", limit: int | None = None,
+                     kind: str | None = None) -> list[PreferencePair]:
+    """Preference pairs from pair files, HH transcripts or rankings (expanded); ``kind``: only
+    the records with that ``kind`` field (label-ai writes the prompt's)."""
     counter = itertools.count()
 
     def parse(rec: Record):
@@ -413,7 +419,7 @@ def load_preferences(path: str, split: str = "train", on_error: str = "raise", f
         raise rec.error("chosen", f"not a preference record (looks like {kind}); need prompt/chosen/rejected, "
                                   f"an HH transcript or a ranking")
 
-    return _load(path, split, on_error, parse, "preference records", limit)
+    return _load(path, split, on_error, parse, "preference records", limit, kind)
 
 
 def parse_kto(rec: Record) -> KTOExample:
@@ -431,8 +437,17 @@ def load_kto(path: str, split: str = "train", on_error: str = "raise", limit: in
     return _load(path, split, on_error, parse_kto, "KTO records", limit)
 
 
-def parse_prompt(rec: Record) -> PromptExample:
+def record_kind(rec: Record) -> str | None:
+    """The record's optional ``kind`` tag (``red_team``, ``helpful``, any word): routes gated
+    rewards, filters with ``data.kind`` and splits the evaluation."""
     kind = rec.data.get("kind")
+    if kind is not None and (not isinstance(kind, str) or not kind.strip()):
+        raise rec.error("kind", f"must be a non-empty string (a prompt kind such as red_team), got {kind!r}")
+    return kind
+
+
+def parse_prompt(rec: Record) -> PromptExample:
+    kind = record_kind(rec)
     meta = {k: v for k, v in rec.data.items() if k not in ("prompt", "kind", "id")}
     return PromptExample(_prompt(rec), kind, str(rec.data["id"]) if rec.data.get("id") is not None else None,
                          where(rec), meta)
@@ -448,7 +463,4 @@ def load_prompts(path: str, split: str = "train", on_error: str = "raise", kind:
         out = [PromptExample([{"role": "user", "content": r["prompt"]}], r["kind"], r["id"],
                              f"builtin:prompts:{r['id']}", {"category": r.get("category")}) for r in rows]
         return out[:limit] if limit else out
-    prompts = _load(path, split, on_error, parse_prompt, "prompts")
-    if kind:
-        prompts = [p for p in prompts if p.kind == kind]
-    return prompts[:limit] if limit else prompts
+    return _load(path, split, on_error, parse_prompt, "prompts", limit, kind or None)

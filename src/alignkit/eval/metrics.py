@@ -10,6 +10,10 @@ texts:
 - reward-model score, raw and normalised against the baseline's samples;
 - KL to the reference model on the model's own samples (sequence-level k1);
 - response length, share that ended with EOS, distinct-1 / distinct-2;
+- refusal rate (:mod:`alignkit.eval.refusal`) and helpfulness
+  (:mod:`alignkit.eval.helpfulness`; prompts of unsafe kinds have none: declining
+  them is right);
+- every metric again per prompt kind (:func:`summarise_by_kind`);
 - reward-model accuracy on held-out preference pairs;
 - pairwise comparisons: an AI judge asked twice with positions swapped, or a
   human win / tie / loss summary exported by the feedback app.
@@ -25,6 +29,7 @@ only the interval changes, not the value.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,7 +50,8 @@ from alignkit.rewards import RewardFn, build_reward, check_scores
 Messages = list[dict]
 Metric = dict  # {"value", "low", "high"} as the report reads it
 # A pairwise judge sees the prompt (chat messages) and two responses in positions
-# A and B, and answers "A", "B" or "tie".
+# A and B, and answers "A", "B" or "tie"; one with a ``kind`` parameter also gets the
+# prompt's kind (red_team, helpful, None).
 PairwiseJudge = Callable[[Messages, str, str], str]
 VERDICTS = ("A", "B", "tie")
 # A score this far outside [0, 1] is a scorer that does not return probabilities,
@@ -133,9 +139,12 @@ class ToxicityScorer:
         return np.clip(toxicity, 0.0, 1.0)
 
 
-def reward_scores(fn: RewardFn, prompts: list[Messages], texts: list[str]) -> np.ndarray:
-    """One reward-model score per response, shape ``(N,)``; non-finite is an error (check_scores)."""
-    return check_scores(getattr(fn, "name", "reward_model"), fn(prompts, texts), len(texts))
+def reward_scores(fn: RewardFn, prompts: list[Messages], texts: list[str], kinds: list | None = None) -> np.ndarray:
+    """One reward-model score per response, shape ``(N,)``; non-finite is an error (check_scores).
+    ``kinds`` (the prompts' tags) reach rewards that route on them (the gated reward)."""
+    from alignkit.rewards.combine import call_reward
+
+    return call_reward(fn, prompts, texts, kinds if kinds is not None and any(kinds) else None)
 
 
 # ---------------------------------------------------------------------------
@@ -217,6 +226,16 @@ class ModelScores:
     texts: tuple[str, ...]
     reward: np.ndarray | None = None
     kl: np.ndarray | None = None
+    refusal: np.ndarray | None = None  # 1.0 where the detector flags a refusal
+    helpfulness: np.ndarray | None = None  # NaN rows: prompts not scored (unsafe kinds)
+
+    def rows(self, keep: np.ndarray) -> ModelScores:
+        """The scores of the prompts where ``keep`` (shape ``(P,)``, bool) is True."""
+        k = self.toxicity.shape[1]
+        texts = tuple(t for i in np.flatnonzero(keep) for t in self.texts[i * k:(i + 1) * k])
+        pick = (lambda a: None if a is None else a[keep])
+        return ModelScores(self.name, self.toxicity[keep], self.length[keep], self.finished[keep], texts,
+                           pick(self.reward), pick(self.kl), pick(self.refusal), pick(self.helpfulness))
 
 
 def wilson_interval(successes: int, n: int, confidence: float = stats.DEFAULT_CONFIDENCE) -> Metric:
@@ -272,6 +291,11 @@ def summarise(scores: ModelScores, baseline: ModelScores | None = None,
                 metrics["reward_score_normalised"] = _mean_metric(z.mean(axis=1), confidence, seed)
     if scores.kl is not None:
         metrics["kl_to_reference"] = _mean_metric(scores.kl.mean(axis=1), confidence, seed)
+    if scores.refusal is not None:
+        metrics["refusal_rate"] = _mean_metric(scores.refusal.mean(axis=1), confidence, seed)
+    judged = _judged_rows(scores.helpfulness)
+    if judged.any():
+        metrics["helpfulness"] = _mean_metric(scores.helpfulness[judged].mean(axis=1), confidence, seed)
     metrics["mean_length"] = _mean_metric(scores.length.mean(axis=1), confidence, seed)
     metrics["distinct_1"] = stats.distinct_n(scores.texts, 1)
     metrics["distinct_2"] = stats.distinct_n(scores.texts, 2)
@@ -282,7 +306,35 @@ def summarise(scores: ModelScores, baseline: ModelScores | None = None,
         if scores.reward is not None and base.reward is not None:
             metrics["reward_change_vs_baseline"], metrics["reward_change_p"] = _paired_metric(
                 base.reward.mean(axis=1), scores.reward.mean(axis=1), confidence, seed)
+        if scores.refusal is not None and base.refusal is not None:
+            metrics["refusal_change_vs_baseline"], metrics["refusal_change_p"] = _paired_metric(
+                base.refusal.mean(axis=1), scores.refusal.mean(axis=1), confidence, seed)
+        both = judged & _judged_rows(base.helpfulness)
+        if both.any():
+            metrics["helpfulness_change_vs_baseline"], metrics["helpfulness_change_p"] = _paired_metric(
+                base.helpfulness[both].mean(axis=1), scores.helpfulness[both].mean(axis=1), confidence, seed)
     return metrics
+
+
+def _judged_rows(helpfulness: np.ndarray | None) -> np.ndarray:
+    """``(P,)`` bool: the prompts with a helpfulness score (all k samples scored)."""
+    if helpfulness is None:
+        return np.zeros(0, dtype=bool)
+    return np.isfinite(helpfulness).all(axis=1)
+
+
+def summarise_by_kind(scores: ModelScores, baseline: ModelScores | None, kinds: Sequence[str | None],
+                      confidence: float = stats.DEFAULT_CONFIDENCE, seed: int = 0) -> dict[str, dict]:
+    """:func:`summarise` on the prompts of each kind (``kinds[i]`` is prompt i's; None -> "untagged"),
+    the baseline on the same prompts, so each kind has its own values, intervals and paired changes."""
+    labels = np.array([k if k is not None else "untagged" for k in kinds], dtype=object)
+    if labels.size != scores.toxicity.shape[0]:
+        raise ValueError(f"{labels.size} kinds for {scores.toxicity.shape[0]} prompts")
+    out = {}
+    for kind in sorted(set(labels.tolist())):
+        keep = labels == kind
+        out[kind] = summarise(scores.rows(keep), None if baseline is None else baseline.rows(keep), confidence, seed)
+    return out
 
 
 def reward_model_accuracy(fn: RewardFn, pairs: Sequence[PreferencePair],
@@ -308,8 +360,8 @@ class SwappedJudge:
         self.fn, self.name = fn, name
 
     def compare(self, prompts: Sequence[Messages], responses_a: Sequence[str],
-                responses_b: Sequence[str]) -> list[str]:
-        return judge_swapped(self.fn, self.name, prompts, responses_a, responses_b)
+                responses_b: Sequence[str], kinds: Sequence[str | None] | None = None) -> list[str]:
+        return judge_swapped(self.fn, self.name, prompts, responses_a, responses_b, kinds)
 
     def notes(self) -> str:
         return "asked twice per item, positions swapped; a disagreement is a tie"
@@ -326,7 +378,7 @@ class LLMJudge:
         self.judge, self.name = judge, name
 
     def compare(self, prompts: Sequence[Messages], responses_a: Sequence[str],
-                responses_b: Sequence[str]) -> list[str]:
+                responses_b: Sequence[str], kinds: Sequence[str | None] | None = None) -> list[str]:
         verdicts = self.judge.compare(list(prompts), list(responses_a), list(responses_b))
         return [{"A": "win", "B": "loss", "tie": "tie"}[v.winner] if v.consistent else "tie" for v in verdicts]
 
@@ -382,22 +434,37 @@ def _verdict(judge_name: str, raw, item: int) -> str:
 
 
 def judge_swapped(judge: PairwiseJudge, judge_name: str, prompts: Sequence[Messages],
-                  responses_a: Sequence[str], responses_b: Sequence[str]) -> list[str]:
+                  responses_a: Sequence[str], responses_b: Sequence[str],
+                  kinds: Sequence[str | None] | None = None) -> list[str]:
     """Outcomes ``"win" | "tie" | "loss"`` of model A against model B, one per prompt.
 
     LLM judges favour a position (often the first; Zheng et al. 2023, "Judging
     LLM-as-a-judge"), so each item is judged twice, once with A's response in
     position A and once in position B. Only a verdict that survives the swap
-    counts; a disagreement (including win + tie) is a tie.
+    counts; a disagreement (including win + tie) is a tie. A judge that takes a ``kind``
+    keyword gets ``kinds[i]``, the prompt's kind.
     """
     if not len(prompts) == len(responses_a) == len(responses_b):
         raise ValueError("prompts, responses_a and responses_b must have the same length")
+    kinds = list(kinds) if kinds is not None else [None] * len(prompts)
+    if len(kinds) != len(prompts):
+        raise ValueError(f"{len(kinds)} kinds for {len(prompts)} prompts")
+    takes_kind = _takes_kind(judge)
     outcomes = []
     for i, (prompt, a, b) in enumerate(zip(prompts, responses_a, responses_b)):
-        first = {"A": "win", "B": "loss", "tie": "tie"}[_verdict(judge_name, judge(prompt, a, b), i)]
-        swapped = {"A": "loss", "B": "win", "tie": "tie"}[_verdict(judge_name, judge(prompt, b, a), i)]
+        ask = (lambda x, y: judge(prompt, x, y, kind=kinds[i])) if takes_kind else (lambda x, y: judge(prompt, x, y))
+        first = {"A": "win", "B": "loss", "tie": "tie"}[_verdict(judge_name, ask(a, b), i)]
+        swapped = {"A": "loss", "B": "win", "tie": "tie"}[_verdict(judge_name, ask(b, a), i)]
         outcomes.append(first if first == swapped else "tie")
     return outcomes
+
+
+def _takes_kind(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "kind" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def load_human_summary(path: str, model_a: str, model_b: str) -> dict:

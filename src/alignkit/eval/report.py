@@ -77,6 +77,12 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("reward_change_vs_baseline", "reward change vs baseline (paired)"),
     ("reward_change_p", "reward change Wilcoxon p"),
     ("kl_to_reference", "KL to reference"),
+    ("refusal_rate", "refusal rate"),
+    ("refusal_change_vs_baseline", "refusal change vs baseline (paired)"),
+    ("refusal_change_p", "refusal change Wilcoxon p"),
+    ("helpfulness", "helpfulness"),
+    ("helpfulness_change_vs_baseline", "helpfulness change vs baseline (paired)"),
+    ("helpfulness_change_p", "helpfulness change Wilcoxon p"),
     ("mean_length", "mean length (tokens)"),
     ("distinct_1", "distinct-1"),
     ("distinct_2", "distinct-2"),
@@ -84,6 +90,11 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("rm_accuracy", "RM accuracy"),
 )
 METRIC_LABELS = dict(METRICS)
+# The two-sided table that leads the report when the prompts have kinds: each side's
+# harm, over-refusal and helpfulness, with the paired change against the baseline.
+KIND_METRICS = ("toxicity_mean", "toxicity_change_vs_baseline", "toxicity_relative_improvement", "refusal_rate",
+                "refusal_change_vs_baseline", "helpfulness", "helpfulness_change_vs_baseline", "kl_to_reference",
+                "distinct_2")
 # What the per-round table and curve show, when models carry a round (pipelines with rounds).
 ROUND_METRICS = ("toxicity_mean", "reward_score", "kl_to_reference", "distinct_2")
 
@@ -161,6 +172,8 @@ def _models(summary: Mapping) -> list[dict]:
             {
                 "name": str(model["name"]),
                 "metrics": {key: _metric(raw) for key, raw in model.get("metrics", {}).items()},
+                "by_kind": {str(kind): {key: _metric(raw) for key, raw in metrics.items()}
+                            for kind, metrics in model.get("by_kind", {}).items()},
                 "toxicity_scores": [v for v in map(_number, model.get("toxicity_scores", [])) if v is not None],
             }
         )
@@ -183,36 +196,44 @@ def _rounds(summary: Mapping) -> list[dict]:
 def _pairwise(summary: Mapping) -> list[dict]:
     rows = []
     for entry in summary.get("pairwise", []):
-        row = {
-            "model_a": str(entry.get("model_a", "A")),
-            "model_b": str(entry.get("model_b", "B")),
-            "judge": str(entry.get("judge", "")),
-            "wins": int(entry["wins"]),
-            "ties": int(entry["ties"]),
-            "losses": int(entry["losses"]),
-        }
-        if entry.get("warning"):
-            row["warning"] = str(entry["warning"])
-        row["n"] = row["wins"] + row["ties"] + row["losses"]
-        if "win_rate" in entry and "at_least_as_good" in entry:
-            row["win_rate"] = _metric(entry["win_rate"])
-            row["at_least_as_good"] = _metric(entry["at_least_as_good"])
-            row["sign_test_pvalue"] = _number(entry.get("sign_test_pvalue"))
-        else:
-            result = win_tie_loss(row["wins"], row["ties"], row["losses"])
-            row["win_rate"] = _metric(
-                {"value": result.win_rate, "low": result.win_rate_low, "high": result.win_rate_high}
-            )
-            row["at_least_as_good"] = _metric(
-                {
-                    "value": result.at_least_as_good,
-                    "low": result.at_least_as_good_low,
-                    "high": result.at_least_as_good_high,
-                }
-            )
-            row["sign_test_pvalue"] = _number(result.sign_test_pvalue)
+        row = _pairwise_row(entry)
+        if entry.get("by_kind"):
+            row["by_kind"] = {str(kind): _pairwise_row(sub) for kind, sub in entry["by_kind"].items()}
         rows.append(row)
     return rows
+
+
+def _pairwise_row(entry: Mapping) -> dict:
+    """One pairwise row with its statistics (computed from the counts when absent)."""
+    row = {
+        "model_a": str(entry.get("model_a", "A")),
+        "model_b": str(entry.get("model_b", "B")),
+        "judge": str(entry.get("judge", "")),
+        "wins": int(entry["wins"]),
+        "ties": int(entry["ties"]),
+        "losses": int(entry["losses"]),
+    }
+    if entry.get("warning"):
+        row["warning"] = str(entry["warning"])
+    row["n"] = row["wins"] + row["ties"] + row["losses"]
+    if "win_rate" in entry and "at_least_as_good" in entry:
+        row["win_rate"] = _metric(entry["win_rate"])
+        row["at_least_as_good"] = _metric(entry["at_least_as_good"])
+        row["sign_test_pvalue"] = _number(entry.get("sign_test_pvalue"))
+    else:
+        result = win_tie_loss(row["wins"], row["ties"], row["losses"])
+        row["win_rate"] = _metric(
+            {"value": result.win_rate, "low": result.win_rate_low, "high": result.win_rate_high}
+        )
+        row["at_least_as_good"] = _metric(
+            {
+                "value": result.at_least_as_good,
+                "low": result.at_least_as_good_low,
+                "high": result.at_least_as_good_high,
+            }
+        )
+        row["sign_test_pvalue"] = _number(result.sign_test_pvalue)
+    return row
 
 
 def _jsonable(obj: Any) -> Any:
@@ -440,6 +461,31 @@ def _summary_table(models: Sequence[Mapping]) -> str:
     return _scrolling_table("summary-table", head, body)
 
 
+def _kind_rows(models: Sequence[Mapping]) -> list[tuple[str, str]]:
+    """(kind, metric) rows of the two-sided table: every kind, the KIND_METRICS some model has."""
+    kinds = sorted({kind for m in models for kind in m.get("by_kind", {})})
+    return [(kind, key) for kind in kinds for key in KIND_METRICS
+            if any(key in m.get("by_kind", {}).get(kind, {}) for m in models)]
+
+
+def _by_kind_table(models: Sequence[Mapping]) -> str:
+    rows = _kind_rows(models)
+    head = "<tr><th>kind</th><th>metric</th>" + "".join(f"<th>{_e(m['name'])}</th>" for m in models) + "</tr>"
+    body = ""
+    for kind, key in rows:
+        cells = "".join(f'<td class="num">{_e(format_metric(m.get("by_kind", {}).get(kind, {}).get(key)))}</td>'
+                        for m in models)
+        body += (f'<tr data-kind="{_e(kind)}" data-metric="{_e(key)}"><td>{_e(kind)}</td>'
+                 f"<td>{_e(_label(key))}</td>{cells}</tr>")
+    return _scrolling_table("by-kind-table", head, body)
+
+
+def _pairwise_kind_text(row: Mapping) -> str:
+    """``red_team: W/T/L 20/15/5 (adjusted win rate 0.688 [..]); helpful: ...``"""
+    return "; ".join(f"{kind}: W/T/L {r['wins']}/{r['ties']}/{r['losses']} (adjusted win rate "
+                     f"{format_metric(r['win_rate'])})" for kind, r in row.get("by_kind", {}).items())
+
+
 def _pairwise_table(pairwise: Sequence[Mapping]) -> str:
     head = (
         "<tr><th>model A</th><th>model B</th><th>judge</th><th>wins</th><th>ties</th><th>losses</th>"
@@ -454,6 +500,14 @@ def _pairwise_table(pairwise: Sequence[Mapping]) -> str:
             f'<td class="num">{_e(format_metric(r["at_least_as_good"]))}</td>'
             f'<td class="num">{_e(_format_pvalue(r["sign_test_pvalue"]))}</td></tr>'
         )
+        for kind, k in r.get("by_kind", {}).items():
+            body += (
+                f'<tr class="by-kind"><td colspan="3" class="note">&nbsp;&nbsp;{_e(kind)} prompts</td>'
+                f'<td class="num">{k["wins"]}</td><td class="num">{k["ties"]}</td><td class="num">{k["losses"]}</td>'
+                f'<td class="num">{_e(format_metric(k["win_rate"]))}</td>'
+                f'<td class="num">{_e(format_metric(k["at_least_as_good"]))}</td>'
+                f'<td class="num">{_e(_format_pvalue(k["sign_test_pvalue"]))}</td></tr>'
+            )
         if r.get("warning"):
             body += f'<tr><td colspan="9" class="note">warning: {_e(r["warning"])}</td></tr>'
     note = (
@@ -518,7 +572,12 @@ def render_html(summary: Mapping, *, title: str | None = None, max_samples: int 
     shown = samples[:max_samples]
 
     sections = [f"<h1>{_e(title)}</h1>", _run_table(_run_info(summary))]
-    sections += ["<h2>Summary</h2>", _summary_table(models)]
+    if _kind_rows(models):
+        sections += ["<h2>By prompt kind</h2>", _by_kind_table(models),
+                     '<p class="note">Each kind on its own prompts, the paired change against the baseline on '
+                     "the same prompts. Helpfulness is not scored on prompts of unsafe kinds (declining them is "
+                     "right).</p>"]
+    sections += ["<h2>Summary (all prompts)</h2>" if _kind_rows(models) else "<h2>Summary</h2>", _summary_table(models)]
     if models:
         sections.append(
             '<p class="note">[low, high]: 95 % confidence interval unless the run info says otherwise. '
@@ -562,7 +621,8 @@ def metrics_dict(summary: Mapping, *, title: str | None = None) -> dict:
             "title": title or summary.get("title") or DEFAULT_TITLE,
             "run": _run_info(summary),
             "models": [
-                {"name": m["name"], "metrics": m["metrics"], "n_toxicity_scores": len(m["toxicity_scores"])}
+                {"name": m["name"], "metrics": m["metrics"], **({"by_kind": m["by_kind"]} if m["by_kind"] else {}),
+                 "n_toxicity_scores": len(m["toxicity_scores"])}
                 for m in models
             ],
             "pairwise": _pairwise(summary),
@@ -609,6 +669,14 @@ def render_summary_table(summary: Mapping) -> str:
     models = _models(summary)
     keys = _ordered_metric_keys(models)
     parts = []
+    kind_rows = _kind_rows(models)
+    if kind_rows:
+        rows = [["kind", "metric", *(m["name"] for m in models)]]
+        rows += [[kind, _label(key), *(format_metric(m["by_kind"].get(kind, {}).get(key)) for m in models)]
+                 for kind, key in kind_rows]
+        parts.append(_fixed_width(rows))
+        parts += [f"{r['model_a']} vs {r['model_b']} by kind: {_pairwise_kind_text(r)}"
+                  for r in _pairwise(summary) if r.get("by_kind")]
     if models and keys:
         rows = [["metric", *(m["name"] for m in models)]]
         rows += [[_label(k), *(format_metric(m["metrics"].get(k)) for m in models)] for k in keys]

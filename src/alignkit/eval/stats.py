@@ -20,6 +20,8 @@ Conventions:
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -55,16 +57,15 @@ def _bootstrap_mean_ci(values: np.ndarray, confidence: float, seed: int, n_resam
         return float("nan"), float("nan")
     if np.all(values == values[0]):
         return float(values[0]), float(values[0])
-    result = stats.bootstrap(
-        (values,),
-        np.mean,
-        confidence_level=confidence,
-        n_resamples=n_resamples,
-        method="BCa",
-        vectorized=True,
-        rng=np.random.default_rng(seed),
-    )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    for method in ("BCa", "percentile"):  # BCa is undefined when (almost) every resample has one mean
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            result = stats.bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                                     method=method, vectorized=True, rng=np.random.default_rng(seed))
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+        if math.isfinite(low) and math.isfinite(high):
+            break
+    return low, high
 
 
 # ---------------------------------------------------------------------------

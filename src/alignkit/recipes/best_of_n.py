@@ -48,6 +48,7 @@ from alignkit.errors import AlignkitError, ConfigError
 from alignkit.data.collate import encode_prompts
 from alignkit.models import is_peft, load_causal_lm, load_tokenizer, model_context
 from alignkit.rewards import build_reward
+from alignkit.rewards.combine import call_reward
 from alignkit.rollout import generate
 from alignkit.runs import RunDir
 from alignkit.training import Engine
@@ -117,8 +118,10 @@ def sample_and_score(model, tok, prompts: list[PromptExample], cfg: Config, rewa
     texts = [[g.text for g in gens[i * n:(i + 1) * n]] for i in range(len(prompts))]
     flat_prompts = [p.prompt for p in prompts for _ in range(n)]
     flat_texts = [t for row in texts for t in row]
+    flat_kinds = [p.kind for p in prompts for _ in range(n)]
     with engine.together():
-        mine = np.asarray(reward_fn(engine.shard(flat_prompts), engine.shard(flat_texts)), dtype=np.float64)
+        mine = call_reward(reward_fn, engine.shard(flat_prompts), engine.shard(flat_texts),
+                           engine.shard(flat_kinds) if any(flat_kinds) else None)
     scores = np.asarray(engine.gather(mine.tolist()), dtype=np.float64)
     finished = np.array([g.finished for g in gens]).reshape(len(prompts), n)
     return Samples(texts, finished, scores.reshape(len(prompts), n))

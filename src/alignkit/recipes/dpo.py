@@ -117,7 +117,7 @@ def _load_records(path: str, data: DataConfig, kto: bool) -> list:
             raise AlignkitError(f"{path}: these are KTO records (prompt, completion, label); "
                                 f"they need loss.type=kto")
         return load_kto(path, data.split, data.on_error, data.limit)
-    return load_preferences(path, data.split, data.on_error, fmt, limit=data.limit)
+    return load_preferences(path, data.split, data.on_error, fmt, limit=data.limit, kind=data.kind)
 
 
 def _synthetic_pairs(path: str, data: DataConfig) -> list[PreferencePair]:

@@ -6,9 +6,12 @@
 Each model samples ``samples_per_prompt`` responses per prompt once; every
 metric reads those samples (see :mod:`alignkit.eval.metrics`): toxicity (mean,
 std, relative improvement against the baseline, expected max over k, share of
-prompts >= 0.5), reward-model score, KL to the reference, length, distinct-n;
-then pairwise win / tie / loss from an AI judge (positions swapped) or a human
-evaluation exported by the feedback app. The report goes to
+prompts >= 0.5), reward-model score, KL to the reference, refusal rate,
+helpfulness (not on prompts of unsafe kinds), length, distinct-n; then pairwise
+win / tie / loss from an AI judge (positions swapped) or a human evaluation
+exported by the feedback app. With prompts of several kinds (``kind``: red_team,
+helpful, ...) every metric and every pairwise row is also given per kind, and the
+report leads with a per-kind table. The report goes to
 ``runs/NAME/eval/final/report.html`` with ``metrics.json`` and every sample in
 ``samples.jsonl``; the summary table and the report path are printed last.
 
@@ -35,6 +38,7 @@ from alignkit.data.collate import encode_prompts
 from alignkit.data.formats import load_preferences, load_prompts, prompt_text
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.eval import metrics as M
+from alignkit.eval.refusal import detect_refusals
 from alignkit.eval.report import render_summary_table, write_report
 from alignkit.models import context_of, load_causal_lm, load_tokenizer
 from alignkit.rewards import build_reward
@@ -104,6 +108,11 @@ class Config:
     confidence: float = opt(0.95, gt=0, lt=1)
     kl_budget: float | None = opt(None, gt=0, help="nats per response: the KL to the reference a tuned model "
                                                    "may spend; recorded in metrics.json, checked by the demo")
+    refusals: bool = opt(True, help="the refusal rate by alignkit's refusal detector (alignkit.eval.refusal)")
+    helpfulness: str = opt("helpfulness", help="a reward spec scoring helpfulness in [0, 1] (default: the "
+                                               "offline judge alignkit.eval.helpfulness); '' turns it off")
+    unsafe_kinds: list[str] = opt(default_factory=lambda: ["red_team"],
+                                  help="prompt kinds whose answers get no helpfulness score (declining is right)")
     report_samples: int = opt(20, ge=0, help="prompts shown side by side in the report")
     run: RunConfig = field(default_factory=lambda: RunConfig(name="eval"))
 
@@ -196,11 +205,12 @@ def _load(model: _Model, engine: Engine):
     return engine.place(lm), tokenizer
 
 
-def _scores(engine, fn, prompts: list, texts: list[str]) -> np.ndarray:
-    """``fn(prompts, texts)`` with each process scoring its share; every process gets all scores."""
+def _scores(engine, fn, prompts: list, texts: list[str], kinds: list | None = None) -> np.ndarray:
+    """``fn(prompts, texts[, kinds])`` with each process scoring its share; every process gets all scores."""
     engine = engine or SingleProcess()
     with engine.together():
-        mine = np.asarray(fn(engine.shard(prompts), engine.shard(texts)), dtype=np.float64).tolist()
+        args = (engine.shard(prompts), engine.shard(texts)) + ((engine.shard(kinds),) if kinds is not None else ())
+        mine = np.asarray(fn(*args), dtype=np.float64).tolist()
     return np.asarray(engine.gather(mine), dtype=np.float64)
 
 
@@ -250,8 +260,10 @@ def main(cfg: Config, resume: bool = False) -> Path:
     prompts = _fitting_prompts(cfg, models, reference_name, prompts)
     messages = [p.prompt for p in prompts]
     k = cfg.samples_per_prompt
+    kinds = [p.kind for p in prompts]
     toxicity_fn = M.ToxicityScorer(cfg.toxicity.scorer, cfg.toxicity.invert, device=engine.device)
     reward_fn = build_reward(cfg.reward_model, device=engine.device) if cfg.reward_model else None
+    helpful_fn = build_reward(cfg.helpfulness, device=engine.device) if cfg.helpfulness else None
     judges = []  # per pairwise entry: a judge function, or the counts of a human evaluation
     for pair in cfg.pairwise:
         spec = pair.judge or cfg.judge
@@ -271,15 +283,24 @@ def main(cfg: Config, resume: bool = False) -> Path:
     rm_accuracy = M.reward_model_accuracy(reward_fn, pairs, cfg.confidence) if reward_fn and pairs else None
 
     # 2. sample every model once, 3. KL to the reference on each model's own samples
-    samples, kl, timings = _sample_models(cfg, models, reference_name, messages, reward_fn, engine)
+    samples, kl, timings = _sample_models(cfg, models, reference_name, messages, kinds, reward_fn, engine)
 
     # 4. score the samples: toxicity and reward, all models on the same prompts (each process its share)
     scores: dict[str, M.ModelScores] = {}
     repeated = [m for m in messages for _ in range(k)]  # prompt-major, as the samples
-    reward_of = (lambda p, t: M.reward_scores(reward_fn, p, t)) if reward_fn else None
+    repeated_kinds = [kind for kind in kinds for _ in range(k)]
+    reward_of = (lambda p, t, kd: M.reward_scores(reward_fn, p, t, kd)) if reward_fn else None
+    helpful_rows = np.array([kind not in cfg.unsafe_kinds for kind in kinds], dtype=bool)
     for model in models:
         s = samples[model.name]
-        reward = _scores(engine, reward_of, repeated, list(s.texts)) if reward_of else None
+        reward = _scores(engine, reward_of, repeated, list(s.texts), repeated_kinds) if reward_of else None
+        helpfulness = None
+        if helpful_fn is not None and helpful_rows.any():
+            rows = np.repeat(helpful_rows, k)
+            helpfulness = np.full(len(s.texts), np.nan)
+            helpfulness[rows] = _scores(engine, lambda p, t: M.reward_scores(helpful_fn, p, t),
+                                        [m for m, r in zip(repeated, rows) if r],
+                                        [t for t, r in zip(s.texts, rows) if r])
         scores[model.name] = M.ModelScores(
             name=model.name,
             toxicity=M.by_prompt(_scores(engine, toxicity_fn, repeated, list(s.texts)), k),
@@ -288,6 +309,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
             texts=s.texts,
             reward=None if reward is None else M.by_prompt(reward, k),
             kl=None if kl[model.name] is None else M.by_prompt(kl[model.name], k),
+            refusal=M.by_prompt(detect_refusals(s.texts), k) if cfg.refusals else None,
+            helpfulness=None if helpfulness is None else M.by_prompt(helpfulness, k),
         )
 
     # 5. per-model metrics with intervals, the baseline's as the "before"; the main process
@@ -296,14 +319,17 @@ def main(cfg: Config, resume: bool = False) -> Path:
         engine.wait()
         return run.final / "report.html"
     baseline = scores[baseline_name]
+    split = len({kind for kind in kinds}) > 1 or any(kind is not None for kind in kinds)
     report_models = [
         {"name": m.name, "metrics": M.summarise(scores[m.name], baseline, cfg.confidence, cfg.run.seed),
+         **({"by_kind": M.summarise_by_kind(scores[m.name], baseline, kinds, cfg.confidence, cfg.run.seed)}
+            if split else {}),
          "toxicity_scores": scores[m.name].toxicity.ravel().tolist()}
         for m in models
     ]
 
-    # 6. pairwise: one item per prompt (each model's first sample)
-    pairwise, judge_notes = _compare(cfg, judges, messages, samples)
+    # 6. pairwise: one item per prompt (each model's first sample), split by kind too
+    pairwise, judge_notes = _compare(cfg, judges, messages, kinds if split else None, samples)
 
     # 7. report: summary table, plots, curves from training runs, samples side by side
     summary = {
@@ -331,7 +357,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
 # the phases
 
 
-def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messages: list,
+def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messages: list, kinds: list,
                    reward_fn, engine: Engine) -> tuple:
     """k samples per prompt from every model, and each sample's KL to the reference.
 
@@ -367,7 +393,7 @@ def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messa
                 key = json.dumps(model.best_of_reward, sort_keys=True)
                 if key not in pickers:
                     pickers[key] = build_reward(model.best_of_reward, device=engine.device)
-                generations = _best_of(generations, messages, model.best_of, pickers[key], engine)
+                generations = _best_of(generations, messages, model.best_of, pickers[key], engine, kinds)
             samples[name] = M.ModelSamples.from_generations(name, generations, k, model.temperature,
                                                             tok.eos_token_id)
             if model.same_weights(reference) and model.best_of > 1:
@@ -394,34 +420,50 @@ def _sample_models(cfg: Config, models: list[_Model], reference_name: str, messa
     return samples, kl, timings
 
 
-def _best_of(generations: list, messages: list, n: int, reward_fn, engine=None) -> list:
+def _best_of(generations: list, messages: list, n: int, reward_fn, engine=None, kinds: list | None = None) -> list:
     """Keep the highest-reward generation of each consecutive group of ``n`` (prompt-major
-    order: the groups never mix prompts); the first of equal scores wins."""
-    repeated = [m for m in messages for _ in range(len(generations) // len(messages))]
-    scores = _scores(engine, lambda p, t: M.reward_scores(reward_fn, p, t), repeated,
-                     [g.text for g in generations]).reshape(-1, n)
+    order: the groups never mix prompts); the first of equal scores wins. A gated reward
+    routes on ``kinds``."""
+    per = len(generations) // len(messages)
+    repeated = [m for m in messages for _ in range(per)]
+    scores = _scores(engine, lambda p, t, kd: M.reward_scores(reward_fn, p, t, kd), repeated,
+                     [g.text for g in generations],
+                     [kind for kind in (kinds or [None] * len(messages)) for _ in range(per)]).reshape(-1, n)
     return [generations[g * n + int(i)] for g, i in enumerate(scores.argmax(axis=1))]
 
 
-def _compare(cfg: Config, judges: list, messages: list, samples: dict[str, M.ModelSamples]) -> tuple[list, dict]:
-    """Win / tie / loss per pairwise entry, from a judge on the first samples or a human evaluation."""
+def _counts(outcomes: list[str]) -> dict[str, int]:
+    return {key: outcomes.count(outcome) for key, outcome in (("wins", "win"), ("ties", "tie"), ("losses", "loss"))}
+
+
+def _compare(cfg: Config, judges: list, messages: list, kinds: list | None,
+             samples: dict[str, M.ModelSamples]) -> tuple[list, dict]:
+    """Win / tie / loss per pairwise entry, from a judge on the first samples or a human evaluation;
+    with ``kinds``, an AI judge's rows also count per prompt kind (``by_kind``)."""
     k = cfg.samples_per_prompt
     rows, notes = [], {}
     for pair, judge in zip(cfg.pairwise, judges):
         spec = pair.judge or cfg.judge
+        by_kind = {}
         if isinstance(judge, dict):
             counts = judge
         else:
             # One item per prompt: k samples of a prompt are not independent items for the sign test.
             outcomes = judge.compare(messages, list(samples[pair.model_a].texts[::k]),
-                                     list(samples[pair.model_b].texts[::k]))
+                                     list(samples[pair.model_b].texts[::k]), kinds)
             notes[f"judge {spec}: {pair.model_a} vs {pair.model_b}"] = judge.notes()
-            counts = {key: outcomes.count(outcome) for key, outcome in
-                      (("wins", "win"), ("ties", "tie"), ("losses", "loss"))}
+            counts = _counts(outcomes)
+            labels = [kind if kind is not None else "untagged" for kind in kinds] if kinds is not None else []
+            for kind in sorted(set(labels)):
+                c = _counts([o for o, label in zip(outcomes, labels) if label == kind])
+                by_kind[kind] = M.pairwise_entry(pair.model_a, pair.model_b, spec, c["wins"], c["ties"],
+                                                 c["losses"], cfg.confidence, cfg.run.seed)
         # A human evaluation is labelled by its file name; the full path is in the run info.
         label = f"{HUMAN}{Path(spec[len(HUMAN):]).name}" if spec.startswith(HUMAN) else spec
         row = M.pairwise_entry(pair.model_a, pair.model_b, label, counts["wins"], counts["ties"],
                                counts["losses"], cfg.confidence, cfg.run.seed)
+        if by_kind:
+            row["by_kind"] = by_kind
         warning = getattr(judge, "warning", lambda: None)()
         if warning:  # ties the judge could not help: the console says so, not only the report
             row["warning"] = warning

@@ -69,6 +69,7 @@ class Item:
     id: str | None
     model: str  # who wrote the completions
     loc: str
+    kind: str | None = None  # the prompt's tag (red_team, helpful): gated rewards route on it
 
 
 # --------------------------------------------------------------------------- ranking
@@ -147,15 +148,15 @@ def _given_completions(path: str, split: str, limit: int | None, on_error: str =
         try:
             if "__invalid__" in rec.data:
                 raise rec.error(None, rec.data["__invalid__"])
-            prompt = parse_prompt(rec).prompt
+            parsed = parse_prompt(rec)
             comps = rec.data.get("completions")
             if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
                 raise rec.error("completions", "must be a list of at least 2 texts")
         except DataError as e:
             policy.handle(e)
             continue
-        items.append(Item(prompt, comps, str(rec.data["id"]) if rec.data.get("id") is not None else None,
-                          str(rec.data.get("model") or "given"), f"{rec.source}:{rec.location}"))
+        items.append(Item(parsed.prompt, comps, parsed.id, str(rec.data.get("model") or "given"),
+                          f"{rec.source}:{rec.location}", parsed.kind))
     policy.report("records with completions")
     if not items:
         raise AlignkitError(f"{path}: no usable records with completions")
@@ -177,7 +178,7 @@ def _sample(cfg: Config, prompts: list[PromptExample], engine: Engine) -> list[I
     with bar:
         gens = generate(model, tok, [p.prompt for p in prompts], cfg.generation, n=cfg.k, seed=cfg.run.seed,
                         prompt_ids=prompt_ids, progress_cb=lambda n: bar.update(task, advance=n), engine=engine)
-    return [Item(p.prompt, [g.text for g in gens[i * cfg.k:(i + 1) * cfg.k]], p.id, cfg.model.name, p.loc)
+    return [Item(p.prompt, [g.text for g in gens[i * cfg.k:(i + 1) * cfg.k]], p.id, cfg.model.name, p.loc, p.kind)
             for i, p in enumerate(prompts)]
 
 
@@ -186,6 +187,7 @@ def _sample(cfg: Config, prompts: list[PromptExample], engine: Engine) -> list[I
 
 def main(cfg: Config, resume: bool = False) -> Path:
     from alignkit.rewards import build_reward
+    from alignkit.rewards.combine import call_reward
 
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
     if resume and run.is_done() and (run.final / "pairs.jsonl").exists():
@@ -217,7 +219,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
         if len(texts) < 2:
             counts["prompts_skipped"] += 1
             continue
-        kept.append(Item(it.prompt, texts, it.id, it.model, it.loc))
+        kept.append(Item(it.prompt, texts, it.id, it.model, it.loc, it.kind))
     if not kept:
         raise AlignkitError(f"label-ai: no prompt has two distinct non-empty completions "
                             f"({counts['dropped_empty']} empty, {counts['dropped_duplicate']} repeated)")
@@ -225,8 +227,10 @@ def main(cfg: Config, resume: bool = False) -> Path:
     # 3. score every completion with the reward (one call per process: judges and models batch it)
     flat_prompts = [it.prompt for it in kept for _ in it.completions]
     flat_texts = [t for it in kept for t in it.completions]
+    flat_kinds = [it.kind for it in kept for _ in it.completions]
     with engine.together():
-        mine = reward(engine.shard(flat_prompts), engine.shard(flat_texts)).tolist()
+        mine = call_reward(reward, engine.shard(flat_prompts), engine.shard(flat_texts),
+                           engine.shard(flat_kinds) if any(flat_kinds) else None).tolist()
     flat_scores = engine.gather(mine)
     stats = getattr(reward, "stats", None)
     judge_stats = stats.as_dict() if stats is not None and hasattr(stats, "as_dict") else None
@@ -251,7 +255,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
             at += len(it.completions)
             ranks = dense_ranks(scores, cfg.tie_tolerance)
             prov = {**base, "model": it.model, "prompt_id": it.id, "source": it.loc}
-            rf.write(json.dumps({"prompt": it.prompt, "completions": it.completions,
+            tag = {"kind": it.kind} if it.kind else {}
+            rf.write(json.dumps({"prompt": it.prompt, **tag, "completions": it.completions,
                                  "rankings": [{"labeler": spec, "ranks": ranks}], "scores": scores,
                                  "provenance": prov}) + "\n")
             pairs, n_short = ranking_pairs(scores, ranks, cfg.min_gap)
@@ -259,7 +264,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
             for best, worst in pairs:
                 margin = {"score_gap": scores[best] - scores[worst], "rank_gap": float(ranks[worst] - ranks[best]),
                           "none": None}[cfg.margin]
-                row = {"prompt": it.prompt, "chosen": it.completions[best], "rejected": it.completions[worst]}
+                row = {"prompt": it.prompt, **tag, "chosen": it.completions[best],
+                       "rejected": it.completions[worst]}
                 if margin is not None:
                     row["margin"] = margin
                 row["provenance"] = {**prov, "group": group, "scores": [scores[best], scores[worst]],

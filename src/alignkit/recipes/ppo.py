@@ -56,7 +56,8 @@ from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import entropy_bonus, entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from alignkit.models import is_peft, load_causal_lm, load_sequence_scorer, load_tokenizer, model_context
 from alignkit.rewards import build_reward
-from alignkit.online import load_prompt_set, mean_metrics, memory_metrics, plot_curves, prompt_batch, score_rollout
+from alignkit.online import (kind_scores, load_prompt_set, mean_metrics, memory_metrics, plot_curves, prompt_batch,
+                             rollout_samples, score_rollout)
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout
 from alignkit.runs import RunDir
 from alignkit.training import Engine, build_scheduler
@@ -324,6 +325,7 @@ def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict
     n_procs = engine.num_processes
     idx = prompt_batch(len(setup.prompts), p.rollout_batch_size * n_procs, cfg.run.seed, step)
     batch_prompts = [setup.prompts[i].prompt for i in idx]
+    batch_kinds = [setup.prompts[i].kind for i in idx]
     micro_size = p.minibatch_size // cfg.train.grad_accum
 
     # 1. rollout (no grad): each process samples and scores its share; all get the whole rollout
@@ -334,7 +336,8 @@ def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict
     t1 = time.perf_counter()
 
     # 2. score
-    scores, raw_scores = score_rollout(setup.reward_fn, batch_prompts, rollout, cfg.reward.no_eos_penalty, engine)
+    scores, raw_scores = score_rollout(setup.reward_fn, batch_prompts, rollout, cfg.reward.no_eos_penalty, engine,
+                                       kinds=batch_kinds)
     t2 = time.perf_counter()
 
     # 3. KL-shaped rewards: -beta * (logprobs - ref_logprobs) per token, + score at the last token
@@ -363,6 +366,7 @@ def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict
         "score/mean": scores.mean().item(),
         "score/std": scores.std().item() if len(scores) > 1 else 0.0,
         "score/raw_mean": raw_scores.mean().item(),
+        **kind_scores(batch_kinds, rollout, scores),
         "kl": seq_kl.mean().item(),
         "kl_coef": kl_coef,
         "non_score_reward": (-kl_coef * seq_kl).mean().item(),
@@ -377,8 +381,6 @@ def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict
         "time/rollout": t1 - t0,
         "time/score": t2 - t1,
         "time/update": t3 - t2,
-        "_samples": [{"prompt": m[-1]["content"], "response": r, "score": s}
-                     for m, r, s in zip([batch_prompts[int(i)] for i in rollout.prompt_index], rollout.texts,
-                                        scores.tolist())],
+        "_samples": rollout_samples(batch_prompts, batch_kinds, rollout, scores),
     }
     return metrics, records

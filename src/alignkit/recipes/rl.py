@@ -60,7 +60,8 @@ from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import (AGGREGATIONS, aggregation_weights, clipped_policy_loss, dpo_loss, entropy_from_logits,
                              ipo_loss, kl_loss, sequence_logprobs)
 from alignkit.models import load_causal_lm, load_tokenizer, model_context
-from alignkit.online import load_prompt_set, mean_metrics, memory_metrics, plot_curves, prompt_batch, score_rollout
+from alignkit.online import (kind_scores, load_prompt_set, mean_metrics, memory_metrics, plot_curves, prompt_batch,
+                             rollout_samples, score_rollout)
 from alignkit.rewards import build_reward
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout
 from alignkit.runs import RunDir
@@ -368,6 +369,7 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
     r = cfg.rl
     idx = prompt_batch(len(setup.prompts), r.prompts_per_step * engine.num_processes, cfg.run.seed, step)
     batch_prompts = [setup.prompts[i].prompt for i in idx]
+    batch_kinds = [setup.prompts[i].kind for i in idx]
 
     # 1. rollout (no grad): G answers per prompt, their log-probs and the reference's
     t0 = time.perf_counter()
@@ -378,7 +380,8 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
     t1 = time.perf_counter()
 
     # 2. score
-    scores, raw = score_rollout(setup.reward_fn, batch_prompts, rollout, cfg.reward.no_eos_penalty, engine)
+    scores, raw = score_rollout(setup.reward_fn, batch_prompts, rollout, cfg.reward.no_eos_penalty, engine,
+                                kinds=batch_kinds)
     t2 = time.perf_counter()
 
     # 3. advantages (or pairs), 4. update
@@ -408,6 +411,7 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
         "score/mean": scores.mean().item(),
         "score/std": scores.std().item() if len(scores) > 1 else 0.0,
         "score/raw_mean": raw.mean().item(),
+        **kind_scores(batch_kinds, rollout, scores),
         "kl": seq_kl.mean().item(),
         "kl_coef": r.kl_coef,
         **mean_metrics(records, engine),
@@ -420,8 +424,6 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
         "time/rollout": t1 - t0,
         "time/score": t2 - t1,
         "time/update": t3 - t2,
-        "_samples": [{"prompt": m[-1]["content"], "response": text, "score": s}
-                     for m, text, s in zip([batch_prompts[int(i)] for i in rollout.prompt_index], rollout.texts,
-                                           scores.tolist())],
+        "_samples": rollout_samples(batch_prompts, batch_kinds, rollout, scores),
     }
     return metrics, records

@@ -83,7 +83,7 @@ def _load_pairs(path: str, cfg: Config) -> list[PreferencePair]:
     data = cfg.data
     if not path.startswith("synthetic:"):
         fmt = "auto" if data.format == "auto" else data.format
-        return load_preferences(path, data.split, data.on_error, fmt, cfg.aggregate, data.limit)
+        return load_preferences(path, data.split, data.on_error, fmt, cfg.aggregate, data.limit, data.kind)
     records = synthetic_records(path)[:data.limit] if data.limit else synthetic_records(path)
     pairs: list[PreferencePair] = []
     for group, rec in enumerate(records):

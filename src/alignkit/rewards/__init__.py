@@ -35,7 +35,7 @@ _FACTORIES: dict[str, Callable[..., RewardFn]] = {}
 _MAPPING_FACTORIES: dict[str, Callable[..., RewardFn]] = {}
 # Modules that register more spec kinds when imported.
 _PLUGINS = ("alignkit.rewards.builtin", "alignkit.rewards.model", "alignkit.rewards.combine",
-            "alignkit.rewards.classifier", "alignkit.rewards.judge")
+            "alignkit.rewards.classifier", "alignkit.rewards.judge", "alignkit.eval.helpfulness")
 
 
 def register(prefix: str):
