@@ -268,3 +268,47 @@ def test_a_missing_side_is_a_failed_check_not_a_silent_pass():
     del m["models"][1]["by_kind"][HELP]
     failed = _failed(m)
     assert any("everyday refusals" in f for f in failed) and any("everyday helpfulness" in f for f in failed)
+
+
+# --------------------------------------------------------------------------- the loop on tiny models
+
+
+TWO_SIDED = Path(__file__).resolve().parents[1] / "configs" / "run-two-sided-tiny.yaml"
+
+
+def test_the_gated_reward_feeds_ppo_and_the_evaluation_splits_by_kind(tmp_path, capsys):
+    from alignkit.recipes.pipeline import run_pipeline
+    from alignkit.runs import read_metrics
+
+    folders = run_pipeline(TWO_SIDED, rename={"output_dir": str(tmp_path)})
+    pairs = [json.loads(line) for line in (folders["label"] / "final" / "pairs.jsonl").read_text().splitlines()]
+    assert {p["kind"] for p in pairs} == {RED, HELP}
+    # each reward model learned from its own kind's pairs only
+    printed = capsys.readouterr().out
+    for stage, kind in (("rm-safety", RED), ("rm-help", HELP)):
+        n_kind = sum(p["kind"] == kind for p in pairs)
+        assert f"alignkit rm: {n_kind} pairs -> {folders[stage]}" in printed
+
+    # PPO's scores are the gated reward of each row's own prompt kind: recompute them
+    samples = [json.loads(line) for line in (folders["ppo"] / "samples.jsonl").read_text().splitlines()]
+    assert {s["kind"] for s in samples} == {RED, HELP}
+    safety = build_reward(f"rm:{folders['rm-safety'] / 'final'}?normalize=true")
+    helpful = build_reward(f"rm:{folders['rm-help'] / 'final'}?normalize=true")
+    prompts = [[{"role": "user", "content": s["prompt"]}] for s in samples]
+    texts = [s["response"] for s in samples]
+    p_safe = safety.probability(prompts, texts)
+    z_safe, z_help = safety(prompts, texts), helpful(prompts, texts)
+    for s, p, zs, zh in zip(samples, p_safe, z_safe, z_help):
+        expected = zs if (s["kind"] == RED or p < 0.15) else zh
+        assert s["score"] == pytest.approx(expected, abs=1e-4)
+    last = read_metrics(folders["ppo"])[-1]
+    assert {"score/red_team", "score/helpful"} <= set(last)
+
+    # the evaluation: every metric per kind, helpfulness on everyday prompts only, pairwise by kind
+    metrics = json.loads((folders["eval"] / "final" / "metrics.json").read_text())
+    ppo_model = next(m for m in metrics["models"] if m["name"] == "ppo")
+    assert set(ppo_model["by_kind"]) == {RED, HELP}
+    assert "helpfulness" in ppo_model["by_kind"][HELP] and "helpfulness" not in ppo_model["by_kind"][RED]
+    assert "refusal_change_vs_baseline" in ppo_model["by_kind"][RED]
+    row = metrics["pairwise"][0]
+    assert sum(row["by_kind"][k]["n"] for k in (RED, HELP)) == row["n"] == 79
