@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/rl_compare.py                 # ~40 minutes on 2 CPU cores
     .venv/bin/python benchmarks/rl_compare.py --steps 6       # a quicker look
 
-The demo's first two stages (AI labels of the built-in model's answers to the red-team
-training prompts, a MiniLM reward model learning them), then each optimiser against that
-reward model with the same budget: 16 sampled answers per step (PPO 16 prompts x 1, GRPO and
+The demo's AI labels and its safety reward model (a MiniLM reward model learning the
+labels of the built-in model's answers to the red-team training prompts), then each
+optimiser against that reward model with the same budget: 16 sampled answers per step (PPO 16 prompts x 1, GRPO and
 RLOO 4 x 4, online DPO 8 x 2) for the same number of steps, the same LoRA, learning rate,
 temperature, answer length, KL weight (0.1) and 2 passes over each rollout. Then one
 evaluation of all of them on the held-out prompts, scored by the classifier the labels came
@@ -76,11 +76,12 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # 1. the demo's labels and reward model (a rerun skips them)
+    # 1. the demo's labels and its safety reward model (a rerun skips them)
     demo = yaml.safe_load((ROOT / "src" / "alignkit" / "pipelines" / "demo.yaml").read_text())
+    stages = [s for s in demo["stages"] if s["name"] in ("label", "rm-safety")]
     spec = out / "rl-compare-labels.yaml"
-    spec.write_text(yaml.safe_dump({"name": "rl-compare", "output_dir": str(out), "stages": demo["stages"][:2]}))
-    rm = str(run_pipeline(spec)["rm"] / "final")
+    spec.write_text(yaml.safe_dump({"name": "rl-compare", "output_dir": str(out), "stages": stages}))
+    rm = str(run_pipeline(spec)["rm-safety"] / "final")
     # 2. each optimiser in a process of its own (its peak memory is its own), 3. one evaluation
     folders = {}
     for name, (stage, config) in method_configs(args.steps, rm).items():
