@@ -98,29 +98,3 @@ def test_demo_starts_with_a_reply_from_the_builtin_model():
     assert out.returncode == 0, out.stderr
     user, assistant = out.stdout.strip().splitlines()[:2]
     assert user.startswith("user: ") and len(assistant) > len("assistant: ") + 20
-
-
-def _demo_metrics(change_high, kl, distinct_2, wins, losses):
-    def metric(value, low=None, high=None):
-        return {"value": value, "low": low, "high": high}
-
-    start = {"distinct_2": metric(0.80), "kl_to_reference": metric(0.0, 0.0, 0.0)}
-    ppo = {"toxicity_change_vs_baseline": metric(change_high - 0.02, change_high - 0.04, change_high),
-           "kl_to_reference": metric(kl, kl - 0.1, kl + 0.1), "distinct_2": metric(distinct_2)}
-    return {"models": [{"name": "start", "metrics": start}, {"name": "ppo", "metrics": ppo}],
-            "kl_budget": 4.0,
-            "pairwise": [{"model_a": "ppo", "model_b": "start", "judge": "j", "wins": wins, "ties": 3,
-                          "losses": losses}]}
-
-
-def test_demo_result_checks_pass_only_on_each_promise():
-    from alignkit.recipes.demo import result_checks
-
-    good = result_checks(_demo_metrics(-0.001, 3.9, 0.73, 5, 4), "ppo", "start")
-    assert len(good) == 4 and all(line.startswith("[pass]") for line in good), good
-    # Each promise broken on its own: interval touching 0, KL over budget,
-    # distinct-2 more than 10% below start's (0.80 * 0.9 = 0.72 > 0.71), wins == losses.
-    for args in [(0.0, 3.9, 0.73, 5, 4), (-0.001, 4.1, 0.73, 5, 4), (-0.001, 3.9, 0.71, 5, 4),
-                 (-0.001, 3.9, 0.73, 4, 4)]:
-        lines = result_checks(_demo_metrics(*args), "ppo", "start")
-        assert sum(line.startswith("[FAIL]") for line in lines) == 1, (args, lines)

@@ -463,7 +463,7 @@ def test_an_unreadable_judge_says_so_on_the_console(tmp_path, capsys):
                      "judge=judge:pairwise", "judge_options={model: {name: 'tiny:llama'}, cache: false}"])
     assert code == 0
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.startswith("tuned vs start"))
+    line = next(l for l in out.splitlines() if l.startswith("tuned vs start ("))
     following = out.splitlines()[out.splitlines().index(line) + 1]
     assert "warning: every comparison(s) had an answer the judge's parser could not read" in following
 

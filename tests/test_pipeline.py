@@ -86,11 +86,17 @@ def test_builtin_demo_pipeline_stage_configs_are_valid(tmp_path, quick):
         module, cfg = stage_config(pipe, spec, folders, "demo")
         if hasattr(module, "check_config"):
             module.check_config(cfg)
-        folders[spec.name] = tmp_path / spec.stage
+        folders[spec.name] = tmp_path / spec.name
         configs[spec.name] = cfg
     ppo, ev = configs["ppo"], configs["eval"]
-    assert ppo.reward.spec == f"rm:{tmp_path / 'rm' / 'final'}?normalize=true"  # the learned RM, not the classifier
-    assert ev.toxicity.scorer == configs["label"].reward  # scored by what labelled, not what PPO optimised
+    # the two learned RMs, gated by prompt kind, not the classifier or the judge that labelled
+    gated = ppo.reward.spec["gated"]
+    assert (gated["safety"], gated["helpfulness"]) == (f"rm:{tmp_path / 'rm-safety' / 'final'}",
+                                                       f"rm:{tmp_path / 'rm-help' / 'final'}")
+    assert gated["unsafe_kinds"] == ["red_team"] and ppo.data.prompts.kind is None  # PPO on both kinds
+    assert (configs["rm-safety"].data.kind, configs["rm-help"].data.kind) == ("red_team", "helpful")
+    # scored by what labelled the red-team answers, not what PPO optimised
+    assert ev.toxicity.scorer == configs["label"].reward["gated"]["safety"]
     assert ev.kl_budget and {m.name for m in ev.models} >= {"start", "ppo", "dpo"}
     assert any(m.best_of > 1 for m in ev.models) != quick  # the inference-time baseline (not in --quick)
     assert ev.samples_per_prompt >= 2  # paired intervals need more than one sample per prompt
