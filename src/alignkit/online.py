@@ -8,6 +8,7 @@ processes, the run's memory and its score and KL curves.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
@@ -97,6 +98,43 @@ def kind_scores(kinds: list, rollout: Rollout, scores: torch.Tensor) -> dict[str
         picked = torch.tensor([k == kind for k in per_row])
         out[f"score/{kind}"] = scores[picked].mean().item()
     return out
+
+
+def run_steps(engine, run: RunDir, first: int, steps: int, step_fn, train_cfg, label: str,
+              checkpoint_extra=None) -> dict:
+    """The online loop PPO and the critic-free optimisers share: ``step_fn(step) -> (metrics, records)``
+    for steps ``first .. steps``, logging, checkpointing (``checkpoint_extra()``: more state to save)
+    and a progress bar; a non-finite score or loss stops with the step named, the last checkpoint kept.
+    Returns the last step's metrics."""
+    bar, task = engine.progress(steps, label)
+    last: dict = {}
+    step = first
+    try:
+        with bar:
+            bar.update(task, completed=first - 1)
+            for step in range(first, steps + 1):
+                last, _ = step_fn(step)
+                if step % train_cfg.log_every == 0 or step == steps:
+                    engine.log(step, {k: v for k, v in last.items() if not k.startswith("_")})
+                if (train_cfg.save_every and step % train_cfg.save_every == 0) or step == steps:
+                    engine.save_checkpoint(run, step, train_cfg, extra=checkpoint_extra() if checkpoint_extra else None)
+                bar.update(task, advance=1, info=f"score {last['score/mean']:.3f} kl {last['kl']:.3f}")
+    except AlignkitError as e:
+        raise engine.stopped(run, step, e) from None
+    finally:
+        engine.close_log()
+    return last
+
+
+def finish_run(engine, run: RunDir, steps: int, last: dict) -> dict:
+    """After the final save: the last rollout's samples.jsonl, the curves, DONE; returns the summary."""
+    summary = {"steps": steps, **{k: v for k, v in last.items() if not k.startswith("_")}}
+    if engine.is_main:
+        if last.get("_samples"):
+            (run.path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in last["_samples"]))
+        plot_curves(run)
+    engine.finish(run, summary)
+    return summary
 
 
 def mean_metrics(records: list[dict[str, float]], engine=None) -> dict[str, float]:

@@ -56,8 +56,8 @@ from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import entropy_bonus, entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from alignkit.models import is_peft, load_causal_lm, load_sequence_scorer, load_tokenizer, model_context
 from alignkit.rewards import build_reward
-from alignkit.online import (kind_scores, load_prompt_set, mean_metrics, memory_metrics, plot_curves, prompt_batch,
-                             rollout_samples, score_rollout)
+from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metrics, memory_metrics, prompt_batch,
+                             rollout_samples, run_steps, score_rollout)
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout
 from alignkit.runs import RunDir
 from alignkit.training import Engine, build_scheduler
@@ -285,33 +285,12 @@ def main(cfg: Config, resume: bool = False) -> dict:
                  f"step x {engine.num_processes} process(es), {p.steps} steps, value {cfg.value.mode}, "
                  f"reward {setup.reward_fn.name}")
 
-    bar, task = engine.progress(p.steps, "ppo")
-    last: dict[str, Any] = {}
-    step = start.step + 1
-    try:
-        with bar:
-            bar.update(task, completed=start.step)
-            for step in range(start.step + 1, p.steps + 1):
-                last, _ = ppo_step(step, cfg, setup, engine)
-                if step % cfg.train.log_every == 0 or step == p.steps:
-                    engine.log(step, {k: v for k, v in last.items() if not k.startswith("_")})
-                if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == p.steps:
-                    engine.save_checkpoint(run, step, cfg.train, extra={"kl_controller": setup.kl_ctl.state_dict()})
-                bar.update(task, advance=1, info=f"score {last['score/mean']:.3f} kl {last['kl']:.3f}")
-    except AlignkitError as e:  # a non-finite score/loss, a failing reward: stop, keep the last checkpoint
-        raise engine.stopped(run, step, e) from None
-    finally:
-        engine.close_log()
-
+    last = run_steps(engine, run, start.step + 1, p.steps, lambda step: ppo_step(step, cfg, setup, engine),
+                     cfg.train, "ppo", checkpoint_extra=lambda: {"kl_controller": setup.kl_ctl.state_dict()})
     policy = engine.unwrap(setup.ac).policy
     engine.save_final(policy, setup.tok, run.final, extra={"stage": STAGE, "base": cfg.model.name,
                                                            "reward": str(cfg.reward.spec), "steps": p.steps})
-    summary = {"steps": p.steps, **{k: v for k, v in last.items() if not k.startswith("_")}}
-    if engine.is_main:
-        if last.get("_samples"):
-            (run.path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in last["_samples"]))
-        plot_curves(run)
-    engine.finish(run, summary)
+    summary = finish_run(engine, run, p.steps, last)
     engine.print(f"ppo: done; policy in {run.final}")
     return summary
 

@@ -56,12 +56,12 @@ from alignkit.actor_critic import ActorCritic, reference_forward
 from alignkit.advantages import (gae, group_advantages, kl_shaped_rewards, leave_one_out_advantages, masked_mean,
                                  masked_whiten, uniform_groups)
 from alignkit.config import DataConfig, GenerationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, opt
-from alignkit.errors import AlignkitError, ConfigError
+from alignkit.errors import ConfigError
 from alignkit.losses import (AGGREGATIONS, aggregation_weights, clipped_policy_loss, dpo_loss, entropy_from_logits,
                              ipo_loss, kl_loss, sequence_logprobs)
 from alignkit.models import load_causal_lm, load_tokenizer, model_context
-from alignkit.online import (kind_scores, load_prompt_set, mean_metrics, memory_metrics, plot_curves, prompt_batch,
-                             rollout_samples, score_rollout)
+from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metrics, memory_metrics, prompt_batch,
+                             rollout_samples, run_steps, score_rollout)
 from alignkit.rewards import build_reward
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout
 from alignkit.runs import RunDir
@@ -330,33 +330,12 @@ def main(cfg: Config, resume: bool = False) -> dict:
     engine.print(f"rl ({r.algorithm}): {len(setup.prompts)} prompts, {r.prompts_per_step} x {r.samples_per_prompt} "
                  f"samples per step x {engine.num_processes} process(es), {r.steps} steps, reward "
                  f"{setup.reward_fn.name}")
-    bar, task = engine.progress(r.steps, f"rl {r.algorithm}")
-    last: dict[str, Any] = {}
-    step = start.step + 1
-    try:
-        with bar:
-            bar.update(task, completed=start.step)
-            for step in range(start.step + 1, r.steps + 1):
-                last, _ = rl_step(step, cfg, setup, engine)
-                if step % cfg.train.log_every == 0 or step == r.steps:
-                    engine.log(step, {k: v for k, v in last.items() if not k.startswith("_")})
-                if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == r.steps:
-                    engine.save_checkpoint(run, step, cfg.train)
-                bar.update(task, advance=1, info=f"score {last['score/mean']:.3f} kl {last['kl']:.3f}")
-    except AlignkitError as e:
-        raise engine.stopped(run, step, e) from None
-    finally:
-        engine.close_log()
-
+    last = run_steps(engine, run, start.step + 1, r.steps, lambda step: rl_step(step, cfg, setup, engine),
+                     cfg.train, f"rl {r.algorithm}")
     engine.save_final(engine.unwrap(setup.model).policy, setup.tok, run.final,
                       extra={"stage": STAGE, "algorithm": r.algorithm, "base": cfg.model.name,
                              "reward": str(cfg.reward.spec), "steps": r.steps})
-    summary = {"steps": r.steps, **{k: v for k, v in last.items() if not k.startswith("_")}}
-    if engine.is_main:
-        if last.get("_samples"):
-            (run.path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in last["_samples"]))
-        plot_curves(run)
-    engine.finish(run, summary)
+    summary = finish_run(engine, run, r.steps, last)
     engine.print(f"rl ({r.algorithm}): done; policy in {run.final}")
     return summary
 
