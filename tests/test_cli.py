@@ -98,3 +98,42 @@ def test_demo_starts_with_a_reply_from_the_builtin_model():
     assert out.returncode == 0, out.stderr
     user, assistant = out.stdout.strip().splitlines()[:2]
     assert user.startswith("user: ") and len(assistant) > len("assistant: ") + 20
+
+
+def test_a_launched_process_exits_without_interpreter_teardown(monkeypatch, capsys):
+    """Under a launch the entry point waits for the other processes, flushes its output and
+    ends with os._exit(code): the interpreter's teardown of gloo's threads can abort a
+    finished process (SIGABRT). Outside a launch it is a plain sys.exit."""
+    from alignkit import cli
+
+    events = []
+    monkeypatch.setattr(cli, "run", lambda argv: print("stage output") or 0)
+    monkeypatch.setattr(cli, "_launched", lambda: True)
+    monkeypatch.setattr("torch.distributed.barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr("torch.distributed.get_rank", lambda: 1)
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        events.append(("os._exit", code))
+        raise Exited
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(Exited):
+        cli.entry()
+    assert events == ["barrier", ("os._exit", 0)]
+    assert capsys.readouterr().out == "stage output\n"
+
+    # an error: no barrier (the others may be stuck), exit code 2 all the same
+    events.clear()
+    monkeypatch.setattr(cli, "run", lambda argv: (_ for _ in ()).throw(cli.AlignkitError("bad")))
+    with pytest.raises(Exited):
+        cli.entry()
+    assert events == [("os._exit", 2)]
+    assert capsys.readouterr().err == "[process 1] alignkit: error: bad\n"
+
+    monkeypatch.setattr(cli, "_launched", lambda: False)
+    with pytest.raises(SystemExit) as done:
+        cli.entry()
+    assert done.value.code == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from alignkit.errors import AlignkitError, NotBuiltError
@@ -87,27 +88,47 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{_process_prefix()}alignkit: interrupted", file=sys.stderr)
         return 130
-    _leave_process_group()
+    if _launched():
+        # Finish together: no process leaves while another still sends it results.
+        sys.modules["torch"].distributed.barrier()
     return code
+
+
+def entry() -> None:
+    """The ``alignkit`` console script and ``python -m alignkit``: :func:`main`, then exit.
+
+    Under a launch (torchrun, accelerate launch) the process ends with ``os._exit``
+    once its output is flushed, not through the interpreter's teardown: there the
+    process group's C++ threads are destroyed while the peer process may still be
+    closing its side, and torch 2.13 with gloo sometimes aborts at that point
+    ("terminate called without an active exception", SIGABRT), which turns a
+    finished run into a failed launch. Everything the run writes is closed by then
+    (run folders, logs, checkpoints), so nothing is lost by skipping the teardown.
+    """
+    code = main()
+    if _launched():
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _launched() -> bool:
+    """True in a process of a launch whose process group is up."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 def _process_prefix() -> str:
     """``[process N] `` in the processes other than the main one of a launch, else nothing."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank = torch.distributed.get_rank()
+    if _launched():
+        rank = sys.modules["torch"].distributed.get_rank()
         return f"[process {rank}] " if rank else ""
     return ""
 
 
-def _leave_process_group() -> None:
-    """Under accelerate launch / torchrun: leave together, so that no process tears the
-    group down while another still uses it."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
