@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed"),
+              # CPU processes over gloo, compared with a CPU process to 1e-5; on a GPU machine run them with
+              # CUDA_VISIBLE_DEVICES= (one GPU cannot hold two processes' devices)
+              pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-process tests: run with CUDA_VISIBLE_DEVICES="),
               pytest.mark.usefixtures("one_thread")]
 
 

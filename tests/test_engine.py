@@ -271,17 +271,24 @@ def test_label_ai_samples_on_the_engine_device(tmp_path, meta_engines):
 
 
 def test_eval_loads_and_scores_every_model_on_the_engine_device(tmp_path, monkeypatch, meta_engines):
-    from alignkit.eval import metrics
+    import numpy as np
 
-    scored = []
+    from alignkit.eval import helpfulness, metrics, refusal
+
+    scored, encoded = [], []
     monkeypatch.setattr(metrics, "response_kl", lambda model, ref, samples, *a, **kw: scored.append(
-        {next(model.parameters()).device.type, next(ref.parameters()).device.type}) or
-        __import__("numpy").zeros(len(samples.texts)))
+        {next(model.parameters()).device.type, next(ref.parameters()).device.type}) or np.zeros(len(samples.texts)))
+    # the helpfulness judge's encoder is built on the engine's device; a forward on 'meta' cannot run
+    # (transformers reads mask values), so its relevance records the device and returns zeros
+    monkeypatch.setattr(helpfulness.HelpfulnessJudge, "relevance", lambda self, prompts, answers: encoded.append(
+        self.encoder.device.type) or np.zeros(len(answers)))
+    monkeypatch.setattr(refusal, "refusal_probability", lambda texts: np.zeros(len(texts)))
     from alignkit.recipes import eval as eval_recipe
 
     eval_recipe.main(load_config(eval_recipe.Config, CONFIGS / "eval-tiny.yaml",
                                  [f"run.output_dir={tmp_path}", "prompts.limit=3"]))
     assert meta_engines == ["meta", "meta"] and scored == [{"meta"}]
+    assert encoded and set(encoded) == {"meta"}
 
 
 def test_best_of_n_samples_on_the_engine_device(tmp_path, monkeypatch, meta_engines):

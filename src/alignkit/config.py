@@ -120,6 +120,9 @@ class GenerationConfig:
     top_k: int = opt(0, ge=0)
     do_sample: bool = True
     batch_size: int = opt(16, ge=1)
+    cache: str = opt("dynamic", choices=("dynamic", "static"),
+                     help="the KV cache while sampling: static preallocates it, and on a GPU transformers then "
+                          "compiles the decoding step (several times faster per token after a first, slow, batch)")
 
 
 # --------------------------------------------------------------------------- loading

@@ -159,6 +159,8 @@ def _sample(model, tokenizer, seqs: list[list[int]], keys: list[tuple[int, ...]]
     kwargs = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
     if synced:
         kwargs["synced_gpus"] = True
+    if gen.cache == "static":
+        kwargs["cache_implementation"] = "static"
     if max_time is not None:
         kwargs["max_time"] = max_time
     if stop is not None:

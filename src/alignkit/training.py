@@ -195,6 +195,9 @@ class Engine:
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
         self.mixed_precision = str(self.accelerator.mixed_precision)
         self._finite = True
+        # wall time of the optimizer steps since the last log row (time/step)
+        self._step_clock: float | None = None
+        self._step_seconds: list[float] = []
         # Read once: a later stage's Engine resets accelerate's shared state, and an
         # engine that outlives it (best-of-n's, around each round's fine-tuning) must
         # still know where and who it is. Collectives below go through the process
@@ -349,6 +352,10 @@ class Engine:
         if not self.accelerator.optimizer_step_was_skipped:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        if self._step_clock is not None:
+            self._step_seconds.append(now - self._step_clock)
+        self._step_clock = now
         return lr, norm
 
     @property
@@ -457,6 +464,13 @@ class Engine:
         return MetricsLogger(run, resume_step=resume_step) if self.is_main else _NoLogger()
 
     def log(self, step: int, metrics: dict) -> None:
+        """One metrics row; the training loops' rows get ``time/step``, the mean wall seconds of
+        the optimizer steps since the previous row (from the end of one step to the end of the
+        next: batching, forwards, backwards and the update; the first step of a run, which
+        has no previous end, is left out)."""
+        if self._step_seconds and "time/step" not in metrics:
+            metrics = {**metrics, "time/step": sum(self._step_seconds) / len(self._step_seconds)}
+        self._step_seconds = []
         self._logger.log(step, metrics)
 
     def close_log(self) -> None:

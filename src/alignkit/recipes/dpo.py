@@ -457,7 +457,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
                 lr, grad_norm = engine.step(model, optimizer, scheduler, cfg.train, step)
                 # 5. log, evaluate, checkpoint
                 row = engine.reduce_sum(sums)
-                row.update(grad_norm=grad_norm, lr=lr, epoch=step / spe, seconds=round(time.time() - started, 2))
+                row.update(pairs=n_in_step, grad_norm=grad_norm, lr=lr, epoch=step / spe,
+                           seconds=round(time.time() - started, 2))
                 if eval_set and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == n_steps):
                     eval_metrics = evaluate(model, eval_set, ref["eval"], cfg, pad_id, engine)
                     row.update(eval_metrics)

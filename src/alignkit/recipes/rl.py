@@ -403,6 +403,7 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
         "time/rollout": t1 - t0,
         "time/score": t2 - t1,
         "time/update": t3 - t2,
+        "time/step": t3 - t0,
         "_samples": rollout_samples(batch_prompts, batch_kinds, rollout, scores),
     }
     return metrics, records
