@@ -33,6 +33,8 @@ def _batch(tok):
 
 
 def _nll(model, ids, mask):
+    device = next(model.parameters()).device  # the engine's (a GPU where there is one)
+    ids, mask = ids.to(device), mask.to(device)
     logits = model(input_ids=ids).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()

@@ -69,3 +69,15 @@ def test_the_reward_spec_scores_in_zero_to_one_and_reads_the_last_user_turn():
     assert ((scores >= 0) & (scores <= 1)).all()
     assert scores[0] > 0.5 and scores[1] == 0.0 and scores[2] < 0.1
     assert prompt_of(prompt) == "How do I boil an egg?"
+
+
+def test_the_judge_is_kept_per_device_not_per_process():
+    # A stage that asks for the judge on its engine's device gets it there, and a caller that
+    # asks later for another device (the refusal detector, on the CPU) does not get that one.
+    import torch
+
+    cpu = helpfulness_judge()
+    meta = helpfulness_judge(torch.device("meta"))
+    assert meta is not cpu and meta.encoder.device.type == "meta"
+    assert helpfulness_judge() is cpu and helpfulness_judge("cpu") is cpu and cpu.encoder.device.type == "cpu"
+    assert helpfulness_judge(torch.device("meta")) is meta

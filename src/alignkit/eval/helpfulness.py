@@ -113,15 +113,16 @@ class HelpfulnessJudge:
         return check_scores(self.name, scores, len(answers))
 
 
-_judge: HelpfulnessJudge | None = None
+_judges: dict[str, HelpfulnessJudge] = {}
 
 
 def helpfulness_judge(device=None) -> HelpfulnessJudge:
-    """One judge per process (the encoder loads once)."""
-    global _judge
-    if _judge is None:
-        _judge = HelpfulnessJudge(device)
-    return _judge
+    """One judge per process and device (the encoder loads once on each device asked for;
+    a later caller on another device never gets the first caller's)."""
+    key = str(device) if device is not None else "cpu"
+    if key not in _judges:
+        _judges[key] = HelpfulnessJudge(device)
+    return _judges[key]
 
 
 @register("helpfulness")
