@@ -3,6 +3,7 @@
     pip install trl==1.12.0          # TRL's PPO trainer last shipped in 1.12 (trl.experimental.ppo)
     .venv/bin/python benchmarks/ppo_vs_trl.py                 # SmolLM2-135M, 4 steps each
     .venv/bin/python benchmarks/ppo_vs_trl.py --steps 6 --lora
+    .venv/bin/python benchmarks/ppo_vs_trl.py --steps 6 --recommended     # each library's LoRA set-up
 
 Both sides run in child processes of this one, one after the other, on the same
 setting: the built-in SmolLM2-135M-Instruct as policy (full fine-tuning, or LoRA
@@ -19,6 +20,14 @@ alignkit the sum of the step's phases (``time/rollout + time/score +
 time/update`` in metrics.jsonl); the first step (warm-up) is left out and the
 median of the others is printed. Peak memory is each child's maximum resident
 set size. Numbers from a noisy machine: run it twice.
+
+``--recommended`` compares each library's recommended set-up for a LoRA policy instead of
+equal work: alignkit's defaults (the value head on the policy's trunk, the reference by
+switching the adapter off) against TRL's (a separate value model trained in full, the
+reference by adapter switch), same prompts, lengths, rollout and minibatch sizes and number
+of optimizer passes. So that speed is not bought with learning, both sides then answer the
+same 32 held-out red-team prompts once (same seed, alignkit's sampler) with their trained
+policy and the reward model scores the answers: the mean is printed as the held-out score.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 POLICY = "builtin:smollm2-135m-instruct"
 PROMPTS, RESPONSE_TOKENS, TEMPERATURE, KL_COEF, LR = 16, 40, 0.7, 0.05, 1e-5
 MINIBATCH, PPO_EPOCHS, FORWARD_BATCH = 8, 2, 8
+HELD_OUT = 32
 
 
 def write_reward_model(folder: Path) -> None:
@@ -62,15 +72,31 @@ def prompt_messages(n: int) -> list:
     return [p.prompt for p in load_prompts("builtin:prompts", split="train", kind="red_team", limit=n)]
 
 
-def run_alignkit(reward_folder: Path, steps: int, lora: bool, out: Path) -> dict:
-    from alignkit.config import load_config
+def held_out_score(policy, tok, reward_folder: Path) -> float:
+    """Mean reward of one answer to each of the held-out red-team prompts (fixed seed, same sampler)."""
+    from alignkit.config import GenerationConfig
+    from alignkit.data.formats import load_prompts
+    from alignkit.rewards import build_reward
+    from alignkit.rollout import generate
+
+    prompts = [p.prompt for p in load_prompts("builtin:prompts", split="test", kind="red_team", limit=HELD_OUT)]
+    gen = GenerationConfig(max_new_tokens=RESPONSE_TOKENS, temperature=TEMPERATURE, batch_size=HELD_OUT)
+    answers = [g.text for g in generate(policy, tok, prompts, gen, seed=1234)]
+    return float(build_reward(f"rm:{reward_folder}")(prompts, answers).mean())
+
+
+def run_alignkit(reward_folder: Path, steps: int, lora: bool, out: Path, recommended: bool = False) -> dict:
+    from alignkit.config import ModelConfig, load_config
+    from alignkit.models import load_causal_lm, load_tokenizer
     from alignkit.recipes import ppo
     from alignkit.runs import read_metrics
 
+    value = (["value.mode=shared"] if recommended else  # alignkit's default: a value head on the policy's trunk
+             ["value.mode=separate", "value.init=policy", "value.lora.enabled=false",
+              f"value.learning_rate={LR}"])  # TRL trains its value model in full
     overrides = [
         f"model.name={POLICY}", f"model.lora.enabled={str(lora).lower()}", "model.lora.r=16", "model.lora.alpha=32",
-        f"reward.spec=rm:{reward_folder}", "value.mode=separate", "value.init=policy",
-        "value.lora.enabled=false", f"value.learning_rate={LR}",  # TRL trains its value model in full
+        f"reward.spec=rm:{reward_folder}", *value,
         "data.prompts.path=builtin:prompts", "data.prompts.kind=red_team",
         f"generation.max_new_tokens={RESPONSE_TOKENS}", f"generation.temperature={TEMPERATURE}",
         f"generation.batch_size={PROMPTS}", f"ppo.steps={steps}", f"ppo.rollout_batch_size={PROMPTS}",
@@ -79,11 +105,18 @@ def run_alignkit(reward_folder: Path, steps: int, lora: bool, out: Path) -> dict
     ]
     cfg = load_config(ppo.Config, None, overrides)
     ppo.main(cfg)
+    final = out / cfg.run.name / "ppo" / "final"  # merged weights: plain transformers loads them
     rows = read_metrics(out / cfg.run.name / "ppo")
-    return {"step_s": [r["time/rollout"] + r["time/score"] + r["time/update"] for r in rows]}
+    result = {"step_s": [r["time/rollout"] + r["time/score"] + r["time/update"] for r in rows],
+              "phases": {k: [r[f"time/{k}"] for r in rows] for k in ("rollout", "score", "update")}}
+    if recommended:
+        tok = load_tokenizer(POLICY)
+        result["held_out"] = held_out_score(load_causal_lm(ModelConfig(name=str(final)), trainable=False,
+                                                           tokenizer=tok), tok, reward_folder)
+    return result
 
 
-def run_trl(reward_folder: Path, steps: int, lora: bool, out: Path) -> dict:
+def run_trl(reward_folder: Path, steps: int, lora: bool, out: Path, recommended: bool = False) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import torch
     from datasets import Dataset
@@ -130,10 +163,14 @@ def run_trl(reward_folder: Path, steps: int, lora: bool, out: Path) -> dict:
     start = time.perf_counter()
     trainer.train()
     marks = [start, *ends]
-    return {"step_s": [b - a for a, b in zip(marks, marks[1:])]}
+    result = {"step_s": [b - a for a, b in zip(marks, marks[1:])]}
+    if recommended:
+        policy = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model
+        result["held_out"] = held_out_score(policy, tok, reward_folder)
+    return result
 
 
-def child(side: str, reward_folder: Path, steps: int, lora: bool, threads: int) -> None:
+def child(side: str, reward_folder: Path, steps: int, lora: bool, threads: int, recommended: bool = False) -> None:
     os.environ.setdefault("ALIGNKIT_NO_PROGRESS", "1")
     import torch
 
@@ -143,13 +180,13 @@ def child(side: str, reward_folder: Path, steps: int, lora: bool, threads: int) 
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as out:
-        result = (run_alignkit if side == "alignkit" else run_trl)(reward_folder, steps, lora, Path(out))
+        result = (run_alignkit if side == "alignkit" else run_trl)(reward_folder, steps, lora, Path(out), recommended)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def launch(side: str, reward_folder: Path, steps: int, lora: bool, threads: int) -> dict:
+def launch(side: str, reward_folder: Path, steps: int, lora: bool, threads: int, recommended: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--reward-folder", str(reward_folder), "--steps", str(steps),
-           "--threads", str(threads)] + (["--lora"] if lora else [])
+           "--threads", str(threads)] + (["--lora"] if lora else []) + (["--recommended"] if recommended else [])
     wall0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
@@ -169,12 +206,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4, help="PPO steps per side (the first is warm-up)")
     p.add_argument("--lora", action="store_true", help="LoRA r=16 on the policy instead of full fine-tuning")
+    p.add_argument("--recommended", action="store_true",
+                   help="each library's recommended LoRA set-up (implies --lora), and the held-out score")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--side", choices=("alignkit", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--reward-folder", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.lora = args.lora or args.recommended
     if args.side:
-        child(args.side, args.reward_folder, args.steps, args.lora, args.threads)
+        child(args.side, args.reward_folder, args.steps, args.lora, args.threads, args.recommended)
         return 0
     if importlib.util.find_spec("trl") is None:
         raise SystemExit("ppo_vs_trl: TRL is not installed; pip install -e '.[bench]' (trl==1.12.0)")
@@ -188,9 +228,11 @@ def main() -> int:
         results = {}
         for side in ("alignkit", "trl"):
             print(f"running {side} ...", flush=True)
-            results[side] = launch(side, reward_folder, args.steps, args.lora, args.threads)
+            results[side] = launch(side, reward_folder, args.steps, args.lora, args.threads, args.recommended)
 
-    print(f"\nPPO on {POLICY} ({'LoRA r=16' if args.lora else 'full fine-tuning'}), separate value model, "
+    setup = ("each library's recommended set-up (alignkit: value head on the trunk; TRL: separate value model)"
+             if args.recommended else "separate value model")
+    print(f"\nPPO on {POLICY} ({'LoRA r=16' if args.lora else 'full fine-tuning'}), {setup}, "
           f"SmolLM2 reward model; {PROMPTS} prompts x <= {RESPONSE_TOKENS} tokens, {PPO_EPOCHS} epochs of "
           f"minibatch {MINIBATCH}; {args.steps} steps; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"{'':10} {'median s/step':>14} {'steps (s)':>30} {'wall s':>8} {'peak RSS MiB':>13}")
@@ -200,7 +242,14 @@ def main() -> int:
         steps = " ".join(f"{x:.1f}" for x in r["step_s"])
         print(f"{side:10} {r['median']:>14.2f} {steps:>30} {r['wall_s']:>8.1f} {r['peak_rss_mib']:>13.0f}")
     ours, theirs = results["alignkit"], results["trl"]
-    print(f"TRL / alignkit: time per step x{theirs['median'] / ours['median']:.2f}")
+    print(f"TRL / alignkit: time per step x{theirs['median'] / ours['median']:.2f}; "
+          f"peak memory alignkit / TRL x{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}")
+    phases = ours["phases"]
+    print("alignkit phases (median s, steps 2-): " + ", ".join(
+        f"{k} {statistics.median(v[1:] or v):.2f}" for k, v in phases.items()))
+    if args.recommended:
+        print(f"held-out score ({HELD_OUT} red-team test prompts, the reward model): alignkit "
+              f"{ours['held_out']:.4f}, TRL {theirs['held_out']:.4f}")
     return 0
 
 

@@ -228,8 +228,9 @@ def constant(prompts, responses):
     ("rl.judge=judge:pairwise", "rl.judge picks pairs for rl.algorithm=online_dpo"),
     ("rl.minibatch_size=64", "more than a step's 32 sequences"),
     ("generation.top_p=0.9", "full softmax"),
+    ("rl.algorithm=reinforce_pp rl.filter_uniform_groups=true", "has no groups to filter"),
 ])
 def test_inconsistent_configs_are_one_line_errors(tmp_path, capsys, override, message):
-    assert cli.main(["rl", "--config", str(TINY), f"run.output_dir={tmp_path}", override]) == 2
+    assert cli.main(["rl", "--config", str(TINY), f"run.output_dir={tmp_path}", *override.split()]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

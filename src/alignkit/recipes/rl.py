@@ -130,6 +130,9 @@ def check_config(cfg: Config) -> None:
                           f"(got {r.samples_per_prompt})")
     if r.judge and r.algorithm != "online_dpo":
         raise ConfigError("rl.judge picks pairs for rl.algorithm=online_dpo; the other algorithms use reward.spec")
+    if r.filter_uniform_groups and r.algorithm not in ("grpo", "rloo"):
+        raise ConfigError(f"rl.filter_uniform_groups leaves out groups of equal scores for grpo and rloo; "
+                          f"rl.algorithm={r.algorithm} has no groups to filter")
     rows = r.prompts_per_step * r.samples_per_prompt
     if r.minibatch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} must divide rl.minibatch_size={r.minibatch_size}")
@@ -171,17 +174,26 @@ def rollout_advantages(cfg: Config, rollout: Rollout, scores: torch.Tensor) -> t
     return seq_adv[:, None].expand_as(mask).float() * mask, info
 
 
-def pick_pairs(cfg: Config, rollout: Rollout, scores: torch.Tensor, judge, prompts: list) -> tuple[list, int]:
+def pick_pairs(cfg: Config, rollout: Rollout, scores: torch.Tensor, judge, prompts: list,
+               engine=None) -> tuple[list, int]:
     """Online DPO: ``[(chosen row, rejected row)]`` for each prompt's two answers, and how many tied.
 
     The reward decides, or ``rl.judge`` (asked in both orders by :mod:`alignkit.eval.metrics`'s
-    pairwise judges); equal scores, a tie or identical texts give no pair.
+    pairwise judges); equal scores, a tie or identical texts give no pair. With several
+    processes each judges its share of the pairs and all get every verdict, so that a judge
+    that samples cannot leave the processes with different pairs (and none judges twice).
     """
+    from alignkit.training import SingleProcess
+
+    engine = engine or SingleProcess()
     n_prompts = len(rollout) // 2
     a_rows, b_rows = list(range(0, 2 * n_prompts, 2)), list(range(1, 2 * n_prompts, 2))
     if judge is not None:
-        outcomes = judge.compare([prompts[int(rollout.prompt_index[a])] for a in a_rows],
-                                 [rollout.texts[a] for a in a_rows], [rollout.texts[b] for b in b_rows])
+        mine = engine.shard(list(range(n_prompts)))
+        with engine.together():
+            verdicts = judge.compare([prompts[int(rollout.prompt_index[a_rows[i]])] for i in mine],
+                                     [rollout.texts[a_rows[i]] for i in mine], [rollout.texts[b_rows[i]] for i in mine])
+        outcomes = engine.gather(list(verdicts))
     else:
         outcomes = ["win" if scores[a] > scores[b] else "loss" if scores[a] < scores[b] else "tie"
                     for a, b in zip(a_rows, b_rows)]
@@ -368,7 +380,7 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
     lr = setup.scheduler.get_last_lr()[0]
     extra: dict[str, float] = {}
     if r.algorithm == "online_dpo":
-        pairs, ties = pick_pairs(cfg, rollout, scores, setup.judge, batch_prompts)
+        pairs, ties = pick_pairs(cfg, rollout, scores, setup.judge, batch_prompts, engine)
         extra.update(pairs=float(len(pairs)), tied_pairs=float(ties))
         records = dpo_update(setup.model, rollout, pairs, setup.optimizer, setup.scheduler, cfg, generator, engine,
                              step) if pairs else []

@@ -1,0 +1,216 @@
+"""alignkit against TRL on the same work, side by side in one run: DPO, reward-model training, sampling.
+
+    pip install -e '.[bench]'                                   # TRL 1.12
+    .venv/bin/python benchmarks/compare.py                      # all parts, ~15 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/compare.py --parts dpo,rm --steps 8
+    .venv/bin/python benchmarks/compare.py --parts generation --batches 8,32
+
+Each side runs in a child process of this one, one after the other, so that peak memory
+(resident set size; the device's allocator on a GPU) is its own, on the same model,
+data, batch size, lengths, precision (fp32) and number of optimizer steps:
+
+- ``dpo``: SmolLM2-135M-Instruct with LoRA r=16 on every linear layer, batch 4 pairs,
+  sequences cut at 128 tokens, beta 0.1, against TRL's ``DPOTrainer`` with its reference
+  by adapter switch. Each side's own way with the reference: alignkit computes the
+  reference log-probs once before training (a cache, counted in the whole-run time),
+  TRL computes them in every step (its default).
+- ``rm``: reward-model training, the built-in MiniLM-L6 encoder in full and SmolLM2 with
+  LoRA r=16, batch 8 pairs, 128 tokens, against TRL's ``RewardTrainer``.
+- ``generation``: tokens per second of alignkit's sampler against plain
+  ``model.generate(do_sample=True)`` from the same distribution (``benchmarks/generation.py``).
+
+PPO, the same work and each library's recommended LoRA set-up, is ``benchmarks/ppo_vs_trl.py``
+(``--lora``, ``--recommended``). Per step: alignkit's ``time/step`` (end of one optimizer
+step to the end of the next) and TRL's time between ``on_step_end`` callbacks; the first
+step pays for warm-up and is left out of the median. Ratios are alignkit over TRL in steps
+per second (above 1: alignkit is faster) and in peak memory (below 1: lighter). The pairs
+are alignkit's synthetic polite-vs-rude set, the same lines for both sides. A quiet machine
+matters: the load average is printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICY = "builtin:smollm2-135m-instruct"
+ENCODER = "builtin:minilm-l6"
+MAX_LENGTH, LR, BETA, LORA_R, LORA_ALPHA = 128, 1e-5, 0.1, 16, 32
+SETTINGS = {  # part -> (model, lora, batch size)
+    "dpo": (POLICY, True, 4),
+    "rm-minilm": (ENCODER, False, 8),
+    "rm-smollm2": (POLICY, True, 8),
+}
+
+
+def write_pairs(path: Path, n: int) -> None:
+    from alignkit.data.synthetic import polite_vs_rude_pairs
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in polite_vs_rude_pairs(n, seed=0)))
+
+
+# --------------------------------------------------------------------------- the two sides
+
+
+def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
+    from alignkit.config import load_config
+    from alignkit.runs import read_metrics
+
+    model, lora, batch = SETTINGS[part]
+    stage = "dpo" if part == "dpo" else "rm"
+    overrides = [f"model.name={model}", f"model.lora.enabled={str(lora).lower()}", f"model.lora.r={LORA_R}",
+                 f"model.lora.alpha={LORA_ALPHA}", f"data.path={pairs}", "data.eval_fraction=0",
+                 f"data.max_length={MAX_LENGTH}", f"train.batch_size={batch}", "train.grad_accum=1",
+                 f"train.max_steps={steps}", f"train.learning_rate={LR}", "train.save_every=0", "train.log_every=1",
+                 f"run.output_dir={out}", "run.name=bench"]
+    if stage == "dpo":
+        from alignkit.recipes import dpo as recipe
+
+        overrides += ["loss.type=dpo", f"loss.beta={BETA}"]
+    else:
+        from alignkit.recipes import rm as recipe
+    cfg = load_config(recipe.Config, None, overrides)
+    recipe.main(cfg)
+    rows = read_metrics(out / "bench" / stage)
+    return {"step_s": [r["time/step"] for r in rows if "time/step" in r]}
+
+
+def run_trl(part: str, pairs: Path, steps: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+    from alignkit.models import resolve
+
+    model_name, lora, batch = SETTINGS[part]
+    path = resolve(model_name)
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    # conversational records: both sides render the prompt with the model's chat template
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    peft_config = (LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
+                              task_type="CAUSAL_LM" if part == "dpo" else "SEQ_CLS") if lora else None)
+    common = dict(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+                  max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                  max_length=MAX_LENGTH, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                  bf16=False, fp16=False, seed=0, dataloader_num_workers=0, disable_dropout=True)
+    ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            ends.append(time.perf_counter())
+
+    if part == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        trainer = DPOTrainer(model=model, args=DPOConfig(beta=BETA, **common), train_dataset=data,
+                             processing_class=tok, peft_config=peft_config, callbacks=[StepClock()])
+    else:
+        from trl import RewardConfig, RewardTrainer
+
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model.config.pad_token_id = tok.pad_token_id
+        if tok.chat_template is None:  # the encoder has none: plain text, prompt then answer
+            data = Dataset.from_list([{"chosen": r["prompt"] + "\n" + r["chosen"],
+                                       "rejected": r["prompt"] + "\n" + r["rejected"]} for r in rows])
+        trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=data, processing_class=tok,
+                                peft_config=peft_config, callbacks=[StepClock()])
+    start = time.perf_counter()
+    trainer.train()
+    marks = [start, *ends]
+    return {"step_s": [b - a for a, b in zip(marks, marks[1:])][1:]}  # like ours: from the end of step 1
+
+
+def child(side: str, part: str, pairs: Path, steps: int) -> None:
+    os.environ.setdefault("ALIGNKIT_NO_PROGRESS", "1")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from alignkit.models import quiet_transformers
+
+    quiet_transformers()
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        result = (run_alignkit if side == "alignkit" else run_trl)(part, pairs, steps, Path(out))
+        result["run_s"] = time.perf_counter() - t0
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def launch(side: str, part: str, pairs: Path, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--part", part, "--pairs", str(pairs), "--steps", str(steps)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{part}: {side} failed")
+    result = json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    result["peak_mib"] = usage.ru_maxrss / 1024
+    return result
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def training_part(part: str, steps: int, tmp: Path) -> str:
+    pairs = tmp / f"{part}.jsonl"
+    write_pairs(pairs, SETTINGS[part][2] * steps)  # one epoch: the reference cache covers what is trained
+    res = {side: launch(side, part, pairs, steps) for side in ("alignkit", "trl")}
+    med = {s: statistics.median(r["step_s"]) for s, r in res.items()}
+    model, lora, batch = SETTINGS[part]
+    return (f"{part:<11} {model.removeprefix('builtin:'):<24} {'LoRA' if lora else 'full':<5} batch {batch}  "
+            f"s/step {med['alignkit']:6.3f} vs {med['trl']:6.3f}  x{med['trl'] / med['alignkit']:4.2f} faster  "
+            f"run {res['alignkit']['run_s']:6.1f} vs {res['trl']['run_s']:6.1f} s  "
+            f"peak {res['alignkit']['peak_mib']:6.0f} vs {res['trl']['peak_mib']:6.0f} MiB "
+            f"(x{res['alignkit']['peak_mib'] / res['trl']['peak_mib']:.2f})")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="dpo,rm-minilm,rm-smollm2,generation")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per side (the first is warm-up)")
+    p.add_argument("--batches", default="8,32", help="generation: batch sizes")
+    p.add_argument("--side", choices=("alignkit", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--part", help=argparse.SUPPRESS)
+    p.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        child(args.side, args.part, args.pairs, args.steps)
+        return 0
+    parts = args.parts.split(",")
+    if any(part in SETTINGS for part in parts) and importlib.util.find_spec("trl") is None:
+        raise SystemExit("compare: TRL is not installed; pip install -e '.[bench]'")
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in parts:
+            if part in SETTINGS:
+                print(f"running {part} ...", flush=True)
+                lines.append(training_part(part, args.steps, Path(tmp)))
+            elif part == "generation":
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+                done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--model",
+                                       "tiny:llama-30x576", "--batches", args.batches, "--new-tokens", "64"],
+                                      env=env, capture_output=True, text=True)
+                lines.append("generation (alignkit sampler vs plain generate, tiny:llama-30x576):\n" + done.stdout.strip())
+            else:
+                raise SystemExit(f"compare: unknown part {part!r}")
+    print(f"\nalignkit vs TRL, fp32, {args.steps} steps per side; {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
