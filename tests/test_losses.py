@@ -67,6 +67,40 @@ def test_token_logprobs_chunked_on_a_sliced_tensor(monkeypatch):
     )
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_and_entropy_gradients_on_sliced_chunked_logits(monkeypatch, temperature):
+    # Several pieces per row (3 tokens x 11 vocab each) on the shifted, non-contiguous view:
+    # the hand-written backwards must give autograd's gradient of the plain formulas, and
+    # gradcheck (float64, finite differences) must agree with them.
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 33)
+    torch.manual_seed(2)
+    full = torch.randn(3, 9, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 8))
+    weights = torch.randn(3, 8, dtype=torch.float64)  # an arbitrary upstream gradient
+
+    def plain_entropy(x):
+        logp = F.log_softmax(x / temperature, -1)
+        return -(logp.exp() * logp).sum(-1)
+
+    for ours, plain in ((lambda x: token_logprobs(x, labels, temperature),
+                         lambda x: naive_logprobs(x, labels, temperature)),
+                        (lambda x: entropy_from_logits(x, temperature), plain_entropy)):
+        (got,) = torch.autograd.grad((ours(full[:, :-1]) * weights).sum(), full)
+        (want,) = torch.autograd.grad((plain(full[:, :-1]).float() * weights).sum(), full)
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-6)
+        assert got[:, -1].abs().sum() == 0  # the last position predicts nothing
+    x = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    small = torch.randint(0, 5, (2, 4))
+    assert torch.autograd.gradcheck(lambda t: token_logprobs(t, small, temperature), (x,))
+    assert torch.autograd.gradcheck(lambda t: entropy_from_logits(t, temperature), (x,))
+
+
+def test_token_logprobs_gradient_keeps_the_logits_dtype():
+    logits = torch.randn(2, 3, 7).bfloat16().requires_grad_()
+    token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long)).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+
+
 def test_token_logprobs_temperature_scaling_and_low_precision():
     # logits [2, 0], label 0: at T = 1: log(e^2 / (e^2 + 1)) = -log(1 + e^-2) = -0.126928
     # at T = 2: logits / 2 = [1, 0] -> -log(1 + e^-1) = -0.313262
