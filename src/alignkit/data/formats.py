@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.data.io import ErrorPolicy, Record, read_records
+from alignkit.data.io import ErrorPolicy, Record, first_parsed, read_records
 from alignkit.errors import AlignkitError, DataError
 
 Messages = list[dict]
@@ -399,6 +399,13 @@ def detect_format(rec: Record) -> str:
     if "messages" in d or "completion" in d:
         return "sft"
     return "prompts"
+
+
+def detect_file_format(path: str, split: str = "train") -> str | None:
+    """The format of a file's first record that parses (None when none does): a first line that
+    is not UTF-8 or not JSON says nothing about the rest."""
+    first, _ = first_parsed(read_records(path, split))
+    return None if first is None else detect_format(first)
 
 
 def load_preferences(path: str, split: str = "train", on_error: str = "raise", fmt: str = "auto",

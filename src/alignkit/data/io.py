@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 import warnings
@@ -20,6 +21,8 @@ from typing import Any
 from alignkit.errors import AlignkitError, ConfigError, DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MAX_DEPTH = 100  # lists/objects inside one record; far beyond any chat or ranking, well within Python's stack
+CSV_FIELD_LIMIT = 2**31 - 1  # long cells are legitimate text (the csv module's default stops at 131,072)
 
 
 @dataclass
@@ -29,7 +32,107 @@ class Record:
     data: dict
 
     def error(self, field: str | None, problem: str) -> DataError:
+        if field is None and "__invalid__" in self.data:  # an unreadable record names its bad field
+            field = self.data.get("__field__")
         return DataError(self.source, self.location, field, problem)
+
+
+def invalid(problem: str, field: str | None = None) -> dict:
+    """A record's data when it cannot be used: ``__invalid__`` holds the problem, ``__field__``
+    the field it is in (when one is to blame)."""
+    return {"__invalid__": problem} if field is None else {"__invalid__": problem, "__field__": field}
+
+
+class JSONProblem(ValueError):
+    """Text that is not usable JSON: ``problem`` for the message, ``line`` (1-based) when known."""
+
+    def __init__(self, problem: str, line: int | None = None):
+        super().__init__(problem)
+        self.problem, self.line = problem, line
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` whose every failure is a :class:`JSONProblem`: bad syntax, nesting too deep
+    for the parser (a RecursionError), or a value it refuses (an integer of over 4,300 digits)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise JSONProblem(f"invalid JSON ({e.msg} at column {e.colno})", e.lineno) from None
+    except RecursionError:
+        line = _deep_line(text)
+        raise JSONProblem(f"invalid JSON (lists/objects nested more than {MAX_DEPTH} levels deep)", line) from None
+    except ValueError as e:
+        raise JSONProblem(f"invalid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|[\[\]{}\n]')
+
+
+def _deep_line(text: str) -> int | None:
+    """The line where lists/objects first nest deeper than MAX_DEPTH (strings skipped)."""
+    depth, line = 0, 1
+    for m in _JSON_TOKEN.finditer(text):
+        c = m.group()
+        if c == "\n":
+            line += 1
+        elif c in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return line
+        elif c in "]}":
+            depth -= 1
+    return None
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_values(data: Any) -> tuple[str, str] | None:
+    """``(field, problem)`` for the first value of a record that no later stage can use: a
+    string (key or value, at any depth) that is not encodable text (a lone UTF-16 surrogate
+    such as the JSON escape ``"\\ud800"``), or lists/objects nested more than MAX_DEPTH
+    levels. None when every value is fine. Walks without recursion."""
+    stack: list[tuple[str, Any, int]] = [("", data, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        if isinstance(value, str):
+            bad = _LONE_SURROGATE.search(value)
+            if bad:
+                return path, (f"not valid text (a lone surrogate \\u{ord(bad.group()):04x} at character "
+                              f"{bad.start() + 1}: half of a UTF-16 pair, as a JSON \\u escape writes it; "
+                              f"give the whole character)")
+        elif isinstance(value, (dict, list, tuple)):
+            if depth > MAX_DEPTH:
+                return path.split("[")[0].split(".")[0] or None, (f"lists/objects nested more than {MAX_DEPTH} "
+                                                                  f"levels deep")
+            if isinstance(value, dict):
+                items = []
+                for k, v in value.items():
+                    name = _field_name(k)
+                    key = f"{path}.{name}" if path else name
+                    if isinstance(k, str) and _LONE_SURROGATE.search(k):
+                        return key, (f"the key is not valid text (a lone surrogate \\u"
+                                     f"{ord(_LONE_SURROGATE.search(k).group()):04x}: half of a UTF-16 pair, "
+                                     f"as a JSON \\u escape writes it; give the whole character)")
+                    items.append((key, v, depth + 1))
+            else:
+                items = [(f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value)]
+            stack.extend(reversed(items))
+    return None
+
+
+def _field_name(key: Any) -> str:
+    # shown in a message that goes to a terminal: escape what cannot be printed as UTF-8
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def checked(rec: Record) -> Record:
+    """The record, or (a value that no later stage can use) the record made invalid, naming the field."""
+    if "__invalid__" not in rec.data:
+        bad = check_values(rec.data)
+        if bad is not None:
+            return Record(rec.source, rec.location, invalid(bad[1], bad[0]))
+    return rec
 
 
 def read_records(path: str, split: str = "train") -> Iterator[Record]:
@@ -48,11 +151,24 @@ def read_records(path: str, split: str = "train") -> Iterator[Record]:
         if suffix not in readers:
             raise AlignkitError(f"{path}: unknown file type '{suffix}'; use .jsonl, .json, .csv or .parquet")
         try:
-            yield from readers[suffix](p)
+            for rec in readers[suffix](p):
+                yield checked(rec)
         except OSError as e:  # removed or unreadable while reading
             raise AlignkitError(f"{path}: cannot read ({e.strerror or e})") from None
         return
-    yield from _hub(path, split)
+    for rec in _hub(path, split):
+        yield checked(rec)
+
+
+def first_parsed(records: Iterator[Record]) -> tuple[Record | None, Iterator[Record]]:
+    """The first record that parses (what a file's format is detected from: an unreadable first
+    line says nothing about it), and every record again, those before it included."""
+    head: list[Record] = []
+    for rec in records:
+        head.append(rec)
+        if "__invalid__" not in rec.data:
+            return rec, itertools.chain(head, records)
+    return None, iter(head)
 
 
 def check_file(p: Path, what: str = "data file") -> None:
@@ -114,9 +230,9 @@ def _jsonl(p: Path) -> Iterator[Record]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield Record(str(p), f"line {i}", {"__invalid__": f"invalid JSON ({e.msg} at column {e.colno})"})
+            row = parse_json(line)
+        except JSONProblem as e:
+            yield Record(str(p), f"line {i}", invalid(e.problem))
             continue
         if not isinstance(row, dict):
             yield Record(str(p), f"line {i}", {"__invalid__": "each line must be a JSON object"})
@@ -126,9 +242,9 @@ def _jsonl(p: Path) -> Iterator[Record]:
 
 def _json(p: Path) -> Iterator[Record]:
     try:
-        data = json.loads(read_text(p))
-    except json.JSONDecodeError as e:
-        raise DataError(str(p), f"line {e.lineno}", None, f"invalid JSON ({e.msg})") from None
+        data = parse_json(read_text(p))
+    except JSONProblem as e:
+        raise DataError(str(p), f"line {e.line}" if e.line else None, None, e.problem) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -144,8 +260,21 @@ def _csv(p: Path) -> Iterator[Record]:
     # Decoded with surrogateescape so that a row with a stray byte is that row's problem
     # (skippable), not the file's; a cell may span lines, so rows are found by the csv module.
     text = p.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    for i, row in enumerate(reader, 2):
+    try:
+        reader.fieldnames  # the header: a file without one cannot be read at all
+    except csv.Error as e:
+        raise DataError(str(p), "row 1", None, f"not valid CSV ({e})") from None
+    for i in itertools.count(2):
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # the reader starts afresh at the next row
+            yield Record(str(p), f"row {i}", invalid(f"not valid CSV ({e})"))
+            continue
         if None in row:
             yield Record(str(p), f"row {i}", {"__invalid__": "more cells than header columns"})
             continue
@@ -165,8 +294,8 @@ def _csv_value(v: str | None):
     # Cells holding JSON lists (chat messages, rankings) are decoded; text stays text.
     if v is not None and v[:1] in "[{":
         try:
-            return json.loads(v)
-        except json.JSONDecodeError:
+            return parse_json(v)
+        except JSONProblem:
             return v
     return v
 
@@ -176,10 +305,27 @@ def _parquet(p: Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(p).to_pylist()
+        table = pq.read_table(p)
     except (pyarrow.ArrowException, OSError) as e:
         raise DataError(str(p), None, None, f"not a readable Parquet file ({str(e).splitlines()[0]})") from None
-    for i, row in enumerate(rows):
+    try:
+        rows = table.to_pylist()
+    except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8: that row's problem
+        rows = None
+    if rows is not None:
+        for i, row in enumerate(rows):
+            yield Record(str(p), f"row {i}", row)
+        return
+    columns = table.column_names
+    for i in range(table.num_rows):
+        row = {}
+        for name in columns:
+            try:
+                row[name] = table.column(name)[i].as_py()
+            except UnicodeDecodeError as e:
+                row = invalid(f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at position {e.start + 1}; "
+                              f"write the column as UTF-8)", _field_name(name))
+                break
         yield Record(str(p), f"row {i}", row)
 
 

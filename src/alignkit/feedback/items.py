@@ -19,7 +19,6 @@ Every problem is a :class:`~alignkit.errors.DataError` naming file, line and fie
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +69,8 @@ def read_project_file(path: str | Path, kind: str) -> ProjectFile:
 
 
 def parse_project_lines(lines: Iterable[str], kind: str, source: str) -> ProjectFile:
+    from alignkit.data.io import JSONProblem, check_values, parse_json
+
     if kind not in KINDS:
         raise AlignkitError(f"unknown project kind {kind!r}; use 'ranking' or 'pairwise'")
     out = ProjectFile(kind, [])
@@ -78,11 +79,14 @@ def parse_project_lines(lines: Iterable[str], kind: str, source: str) -> Project
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(source, f"line {lineno}", None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            row = parse_json(line)
+        except JSONProblem as e:
+            raise DataError(source, f"line {lineno}", None, e.problem) from None
         if not isinstance(row, dict):
             raise DataError(source, f"line {lineno}", None, "each line must be a JSON object")
+        bad = check_values(row)  # text the database and the browser cannot take (a lone surrogate)
+        if bad is not None:
+            raise DataError(source, f"line {lineno}", *bad)
         where = (source, f"line {lineno}")
         item = _ranking_item(row, where) if kind == "ranking" else _pairwise_item(row, where, out)
         if item.ext_id == "":

@@ -38,7 +38,7 @@ from typing import Any
 
 from alignkit.config import DataConfig, GenerationConfig, ModelConfig, RunConfig, opt, to_dict
 from alignkit.data.formats import PromptExample, load_prompts, parse_prompt
-from alignkit.data.io import ErrorPolicy, read_records
+from alignkit.data.io import ErrorPolicy, first_parsed, read_records
 from alignkit.errors import AlignkitError, ConfigError, DataError
 from alignkit.runs import RunDir
 from alignkit.training import Engine
@@ -135,13 +135,13 @@ def _given_completions(path: str, split: str, limit: int | None, on_error: str =
     """
     if path.startswith(("builtin:", "synthetic:")) or not Path(path).is_file():
         return None
-    records = read_records(path, split)
-    first = next(records, None)
+    # the format is the first record that parses: an unreadable first line says nothing about it
+    first, records = first_parsed(read_records(path, split))
     if first is None or "completions" not in first.data:
         return None
     policy = ErrorPolicy(on_error)
     items = []
-    for rec in itertools.chain([first], records):
+    for rec in records:  # every record, those before the first that parses included
         if limit is not None and len(items) >= limit:
             break
         policy.total += 1

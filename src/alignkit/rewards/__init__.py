@@ -79,18 +79,40 @@ def build_reward(spec: Any, **ctx) -> RewardFn:
     return _FACTORIES[prefix](arg, **ctx)
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def check_scores(name: str, scores: Any, n: int) -> np.ndarray:
-    """Scores as float64 (B,); a wrong count or a non-finite value is an error, never a zero."""
-    try:
+    """Scores as float64 (B,); a wrong count, a value that is not a number (text such as '0.5',
+    True/False, None) or a non-finite one is an error, never a zero or a silent conversion."""
+    if isinstance(scores, (list, tuple)):
+        bad = next(((i, x) for i, x in enumerate(scores) if not _is_number(x)), None)
+        if bad is not None:
+            _not_a_number(name, *bad)
         arr = np.asarray(scores, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        items = list(scores) if isinstance(scores, (list, tuple, np.ndarray)) else [scores]
-        bad = next((x for x in items if not isinstance(x, (int, float, np.number)) or isinstance(x, bool)), scores)
-        raise AlignkitError(f"reward '{name}' returned {bad!r} among its scores; a reward returns one number "
-                            f"per response") from None
+    else:
+        try:
+            raw = np.asarray(scores)
+        except Exception:  # an object numpy cannot read at all
+            raw = np.asarray(None, dtype=object)
+        if raw.dtype.kind not in "iuf":  # bool, text, objects: name the first that is not a number
+            flat = raw.reshape(-1).tolist() if raw.ndim else [scores]
+            bad = next(((i, x) for i, x in enumerate(flat) if not _is_number(x)), None)
+            if bad is not None:
+                _not_a_number(name, *bad)
+            raw = np.asarray(flat, dtype=np.float64)
+        arr = raw.astype(np.float64).reshape(-1)
     if arr.shape[0] != n:
         raise AlignkitError(f"reward '{name}' returned {arr.shape[0]} scores for {n} responses")
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        raise AlignkitError(f"reward '{name}' returned a non-finite score for response {int(bad[0])}")
+    bad_at = np.flatnonzero(~np.isfinite(arr))
+    if bad_at.size:
+        raise AlignkitError(f"reward '{name}' returned a non-finite score for response {int(bad_at[0])}")
     return arr
+
+
+def _not_a_number(name: str, i: int, x: Any) -> None:
+    shown = " ".join(repr(x).split())  # one line, however the value prints
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise AlignkitError(f"reward '{name}' returned {shown} ({type(x).__name__}) for response {i}; a reward "
+                        f"returns one number (int or float) per response")
