@@ -4,13 +4,19 @@
   length up front or streams it (plain ASGI: the body is never read past the limit);
 - :data:`Int64`, :data:`Seed`: numbers a request may carry, declared with their
   range, so that an id of 1e20 or a seed of 1e26 is a 4xx naming the field, not a
-  500 from the database or the random-number generator.
+  500 from the database or the random-number generator;
+- :class:`TextBody`: a JSON body is UTF-8 text all through, so that a string no
+  database, tokenizer or JSON response can hold (a lone surrogate, ``"\\ud800"``)
+  is a 400 naming its field before any route sees it, not a 500 wherever it lands;
+  :func:`unencodable` finds such a string in any parsed value (the CLIs use it on
+  their arguments).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -63,3 +69,108 @@ class LimitBody:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+def unencodable(value: Any) -> str | None:
+    """Where in ``value`` (JSON-like: dicts, lists, strings) a string cannot be encoded as UTF-8, or None.
+
+    The place is dotted, as the apps name fields (``messages.0.content``); a bad key is named
+    by where it sits (``meta (a key)``). The place never holds the bad text itself.
+
+    >>> unencodable({"messages": [{"content": "ok"}, {"content": "\\ud800"}]})
+    'messages.1.content'
+    >>> unencodable({"ok": ["fine", 1, None]}) is None
+    True
+    """
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:  # iterative: a deeply nested body must not exhaust the recursion limit
+        v, path = stack.pop()
+        if isinstance(v, str):
+            if not _encodes(v):
+                return ".".join(map(str, path)) or "body"
+        elif isinstance(v, dict):
+            for k in v:
+                if isinstance(k, str) and not _encodes(k):
+                    return (".".join(map(str, path)) or "body") + " (a key)"
+            stack.extend((v[k], path + (k,)) for k in reversed(list(v)))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, path + (i,)) for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_text(param: str | None, message: str):
+    """The 400 a route's body parsing raises (an HTTPException: FastAPI passes it to the app's handlers)."""
+    from fastapi import HTTPException
+
+    exc = HTTPException(400, message)
+    exc.param = param  # the field, for apps that report it apart (alignkit serve's "param")
+    return exc
+
+
+def check_json_text(body: bytes) -> None:
+    """Raise a 400 naming the field if a JSON body is not UTF-8 or holds a string that UTF-8 cannot encode.
+
+    The body is decoded as ``json.loads`` decodes bytes (so surrogates written as raw bytes are
+    found too); a body that is not JSON at all is left to the route's own parsing to report.
+    """
+    encoding = json.detect_encoding(body)
+    try:
+        text = body.decode(encoding, "surrogatepass")
+    except UnicodeDecodeError as e:
+        raise _bad_text(None, f"the request body is not {encoding.upper()} text (byte {e.start})") from None
+    if "\\u" not in text and _encodes(text):
+        return  # the common case: no escapes and no raw surrogates, so nothing to look for
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return
+    where = unencodable(value)
+    if where is not None:
+        raise _bad_text(where, f"{where}: not valid text (it holds a lone surrogate such as \\ud800, "
+                               f"which UTF-8 cannot encode)")
+
+
+class TextBody:
+    """ASGI middleware: a JSON request body is checked with :func:`check_json_text` as the route reads it.
+
+    The check runs on the last chunk, inside the route's body parsing and before validation
+    or the endpoint, so the 400 goes through the app's own HTTPException handler. Other
+    bodies (forms, uploads) pass untouched.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not _is_json(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+
+        async def checked_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    check_json_text(b"".join(chunks))
+                    chunks.clear()
+            return message
+
+        await self.app(scope, checked_receive, send)
+
+
+def _is_json(headers) -> bool:
+    """Whether the request says JSON, as FastAPI decides (application/json or application/*+json)."""
+    for name, value in headers:
+        if name == b"content-type":
+            kind = value.split(b";", 1)[0].strip().lower()
+            return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))
+    return False

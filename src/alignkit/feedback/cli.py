@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from alignkit.errors import AlignkitError
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     try:
+        _check_text(args)
         return _COMMANDS[args.command](args)
     except AlignkitError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -71,6 +73,19 @@ def main(argv: list[str] | None = None) -> int:
 def cli(argv: list[str], stage: str = "label") -> int:
     """Entry point for ``alignkit label ...`` (the main CLI passes the arguments after "label")."""
     return main(argv)
+
+
+PATH_ARGS = ("file", "guidelines", "out")  # the file system takes any bytes; everything else is stored or sent as UTF-8
+
+
+def _check_text(args) -> None:
+    """Names (a project, a labeler), URLs and hosts must be text UTF-8 can encode: an argument that is
+    not (bytes the locale cannot decode arrive as lone surrogates) is refused before the database sees it."""
+    from alignkit.web import unencodable
+
+    where = unencodable({k: v for k, v in vars(args).items() if k not in PATH_ARGS})
+    if where is not None:
+        raise AlignkitError(f"--{where.replace('_', '-')}: not valid text (it holds bytes that are not UTF-8)")
 
 
 def _store(args):
@@ -83,6 +98,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from alignkit.feedback.server import create_app
+    from alignkit.feedback.storage import shown_url
 
     config = LabelConfig(
         db_url=args.db, host=args.host, port=args.port, guidelines=args.guidelines, base_url=args.base_url,
@@ -90,7 +106,7 @@ def cmd_serve(args) -> int:
     )
     token, generated = config.resolve_admin_token()
     app = create_app(config)
-    print(f"alignkit feedback on {config.public_url()}  (database {args.db})", flush=True)
+    print(f"alignkit feedback on {config.public_url()}  (database {shown_url(args.db)})", flush=True)
     if generated:
         print(f"admin token (set ALIGNKIT_ADMIN_TOKEN to choose one): {token}", flush=True)
     print(f"admin page: {config.public_url()}/admin", flush=True)
@@ -109,7 +125,9 @@ def cmd_create_project(args) -> int:
     pf = read_project_file(args.file, args.kind)
     store = _store(args)
     try:
-        summary = store.create_project(args.name, pf, args.overlap, source=args.file, guidelines=guidelines)
+        # The file's name is stored as text: bytes that are not UTF-8 are shown as U+FFFD.
+        source = os.fsencode(args.file).decode("utf-8", "replace")
+        summary = store.create_project(args.name, pf, args.overlap, source=source, guidelines=guidelines)
     finally:
         store.close()
     extra = f", models {summary.model_a} vs {summary.model_b} (hidden from labelers)" if summary.kind == "pairwise" else ""

@@ -12,8 +12,9 @@ Who may do what:
 - ``/admin`` pages and ``/api/projects...`` need the admin token.
 
 Prompt and completion text is untrusted: the templates escape it, the
-Content-Security-Policy forbids inline script, and request bodies are capped
-(``max_request_bytes``; project uploads ``max_upload_bytes``).
+Content-Security-Policy forbids inline script, request bodies are capped
+(``max_request_bytes``; project uploads ``max_upload_bytes``) and a JSON body's
+strings must be text UTF-8 can encode (400 naming the field).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at
@@ -37,7 +38,7 @@ from alignkit.feedback.export import build_export
 from alignkit.feedback.items import parse_project_lines
 from alignkit.feedback.pages import STATIC_DIR, render, render_markdown
 from alignkit.feedback.storage import MAX_TASK_BATCH, FeedbackError, LabelerInfo, Store
-from alignkit.web import INT64_MAX, Int64, LimitBody
+from alignkit.web import INT64_MAX, Int64, LimitBody, TextBody
 
 LABELER_COOKIE = "alignkit_labeler"
 ADMIN_COOKIE = "alignkit_admin"
@@ -188,6 +189,7 @@ def create_app(config: LabelConfig | None = None, store: Store | None = None) ->
     app.state.store = store
     app.state.config = config
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(TextBody)  # a JSON string the database cannot store is a 400 naming its field
     app.add_middleware(LimitBody, limit_for=lambda path: config.max_upload_bytes if path == UPLOAD_PATH
                        else config.max_request_bytes)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

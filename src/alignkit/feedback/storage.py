@@ -27,6 +27,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 from sqlalchemy import (
     JSON,
@@ -48,7 +49,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from alignkit.errors import AlignkitError
@@ -334,6 +335,39 @@ def winner_to_choice(winner: str, swapped: bool) -> str:
 # the store
 
 
+def _url_secrets(url: str) -> list[str]:
+    """The passwords a --db URL holds, as written and decoded, longest first.
+
+    Found in the text itself, parsed or not: ``scheme://user:PASSWORD@`` or, with no scheme,
+    ``user:PASSWORD@`` (up to the last '@', so an unescaped '@' in a password hides all of it),
+    and ``?password=PASSWORD``.
+    """
+    found = []
+    m = re.search(r"://[^:/@\s]*:" if "://" in url else r"(?:^|\s)[^:/@\s]*:", url)
+    if m and "@" in url[m.end():]:
+        hidden = url[m.end():url.rindex("@")]
+        found += [hidden, *hidden.split("@")]
+    found += re.findall(r"(?i)[?&]password=([^&#]*)", url)
+    found += [unquote_plus(f) for f in found]
+    return sorted({f for f in found if f}, key=len, reverse=True)
+
+
+def hide_password(text: str, url: str) -> str:
+    """``text`` (a message about the --db ``url``) with every password ``url`` holds replaced by ***."""
+    for secret in _url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def shown_url(url: str) -> str:
+    """A --db URL as messages show it: SQLAlchemy's rendering without the password, where it parses."""
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: the text, masked
+        shown = url
+    return hide_password(shown, url)
+
+
 def _create_engine(url, shown: str, kwargs: dict):
     try:
         return create_engine(url, **kwargs)
@@ -345,14 +379,33 @@ class Store:
     """The database, and every operation the app performs on it."""
 
     def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL", assignment_ttl_s: int = 2 * 3600, **engine_kwargs):
+        """Open (and create the tables of) the database at ``url``.
+
+        Any failure is an AlignkitError of one line that shows the URL without its password.
+        """
+        if not isinstance(url, str):  # a sqlalchemy URL: str() would put *** in place of its password
+            url = url.render_as_string(hide_password=False)
+        self.assignment_ttl = timedelta(seconds=assignment_ttl_s)
+        self.engine = None
+        try:
+            self._open(url, sqlite_synchronous, engine_kwargs)
+        except AlignkitError as e:
+            raise AlignkitError(hide_password(str(e), url)) from None
+        except Exception as e:  # any failure to build or open the engine: a driver's own errors are unforeseeable
+            if self.engine is not None:
+                self.engine.dispose()
+            orig = getattr(e, "orig", None) or e  # a DBAPIError's driver error says what went wrong
+            detail = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+            raise AlignkitError(hide_password(f"--db {shown_url(url)}: cannot open the database ({detail})", url)) from None
+
+    def _open(self, url: str, sqlite_synchronous: str, engine_kwargs: dict) -> None:
         try:
             self.url = make_url(url)
             self.is_sqlite = self.url.get_backend_name() == "sqlite"
         except (ArgumentError, ValueError) as e:
-            raise AlignkitError(f"--db {url!r}: not a database URL ({str(e).splitlines()[0]}); use "
+            raise AlignkitError(f"--db {shown_url(url)}: not a database URL ({str(e).splitlines()[0]}); use "
                                 f"sqlite:///path/to/labels.db or postgresql+psycopg://user@host/db") from None
-        shown = self.url.render_as_string(hide_password=True)
-        self.assignment_ttl = timedelta(seconds=assignment_ttl_s)
+        shown = shown_url(url)
         if self.is_sqlite:
             if not self.url.database or self.url.database == ":memory:":
                 raise AlignkitError("the feedback app needs a SQLite file, not an in-memory database")
@@ -374,11 +427,7 @@ class Store:
             engine_kwargs.setdefault("pool_pre_ping", True)
             self.engine = _create_engine(self.url, shown, engine_kwargs)
             self._write_lock = nullcontext()
-        try:
-            Base.metadata.create_all(self.engine)
-        except DBAPIError as e:  # not a database file, no server there, no access
-            self.engine.dispose()
-            raise AlignkitError(f"--db {shown}: cannot open the database ({str(e.orig).splitlines()[0]})") from None
+        Base.metadata.create_all(self.engine)  # not a database file, no server there, no access: see __init__
 
     def close(self) -> None:
         self.engine.dispose()

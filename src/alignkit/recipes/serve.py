@@ -22,7 +22,10 @@ No single request can hold the server: the body is capped (``--max-request-bytes
 field), one generation stops after ``--request-timeout`` seconds (the answer so
 far, ``finish_reason: "length"``), a request that finds the model busy for
 ``--queue-timeout`` seconds gets 503 with Retry-After, and SIGTERM / Ctrl-C stops
-a running generation at its next token.
+a running generation at its next token. Malformed input is a 400 naming the field
+(``param``): content that is neither text nor a list of parts, a part without a
+``type``, a text part without a string ``text``, and any string of the body that
+UTF-8 cannot encode (a lone surrogate, ``"\\ud800"``).
 """
 
 from __future__ import annotations
@@ -34,21 +37,57 @@ import os
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+from pydantic.json_schema import WithJsonSchema
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from alignkit.config import GenerationConfig, ModelConfig
-from alignkit.web import LimitBody, Seed
+from alignkit.web import LimitBody, Seed, TextBody
 
 MAX_N = 16
 MAX_REQUEST_BYTES = 1 << 20
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content: ``{"type": "text", "text": "..."}`` is read; other types
+    (images, audio) are accepted and left out, as a text-only model cannot read them."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_part_has_text(cls, data: Any) -> Any:
+        # A text part's "text" is required: the error is located at it (content.0.text).
+        if isinstance(data, dict) and data.get("type") == "text" and data.get("text") is None:
+            kind = "missing" if "text" not in data else "string_type"
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(type=kind, loc=("text",),
+                                                                                      input=data.get("text"))])
+        return data
+
+
+def _text_or_parts(value: Any, parts) -> str | list[ContentPart]:
+    # Not a plain union: its errors would name the union's members (content.str, content.list[...]),
+    # where these name the field itself (content) or the part's own field (content.0.text).
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return parts(value)
+    raise PydanticCustomError("content_type", "must be text or a list of content parts ({\"type\": \"text\", "
+                                              "\"text\": \"...\"})")
+
+
+Content = Annotated[list[ContentPart], WrapValidator(_text_or_parts),
+                    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]})]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
-    content: Any = ""
+    content: Content = ""
 
 
 class ChatRequest(BaseModel):
@@ -65,13 +104,11 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-def _content(value: Any) -> str:
-    """Message content as text: a string, or OpenAI's list of ``{"type": "text", "text"}`` parts."""
+def _content(value: str | list[ContentPart]) -> str:
+    """Message content as text: a string, or the text of OpenAI's ``{"type": "text", "text"}`` parts."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list):
-        return "".join(p.get("text", "") for p in value if isinstance(p, dict) and p.get("type") == "text")
-    raise ValueError("message content must be text or a list of text parts")
+    return "".join(p.text for p in value if p.type == "text")
 
 
 def create_app(model, tokenizer, model_id: str, max_tokens_limit: int = 1024, default_max_tokens: int = 256,
@@ -84,12 +121,14 @@ def create_app(model, tokenizer, model_id: str, max_tokens_limit: int = 1024, de
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     from alignkit.data.collate import encode_prompt
     from alignkit.models import model_context
     from alignkit.rollout import generate
 
     app = FastAPI(title=f"alignkit serve: {model_id}")
+    app.add_middleware(TextBody)  # inside LimitBody: what it reads is already capped
     app.add_middleware(LimitBody, limit_for=lambda path: max_request_bytes)
     lock = threading.Lock()
     busy_until = [0.0]  # when the running generation must end at the latest (for Retry-After)
@@ -106,6 +145,14 @@ def create_app(model, tokenizer, model_id: str, max_tokens_limit: int = 1024, de
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request body",
                      param=where or None)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc: HTTPException):
+        # OpenAI's error shape for every refusal (413, a body that is not text, 404, 405),
+        # with the field in "param" where there is one.
+        return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                                       "param": getattr(exc, "param", None), "code": None}},
+                            exc.status_code, headers=exc.headers)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -126,10 +173,7 @@ def create_app(model, tokenizer, model_id: str, max_tokens_limit: int = 1024, de
 
     @app.post("/v1/chat/completions")
     def chat(req: ChatRequest):
-        try:
-            messages = [{"role": m.role, "content": _content(m.content)} for m in req.messages]
-        except ValueError as e:
-            return error(400, str(e), param="messages")
+        messages = [{"role": m.role, "content": _content(m.content)} for m in req.messages]
         bad = [m["role"] for m in messages if m["role"] not in ("system", "user", "assistant")]
         if bad:
             return error(400, f"unsupported message role '{bad[0]}' (use system, user or assistant)",
