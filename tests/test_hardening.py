@@ -497,6 +497,58 @@ def test_a_late_retry_never_undoes_a_newer_label_in_any_interleaving(tmp_path):
         assert store.task(who, item).my_label["ranks"] == _dense(newest), (trial, events)
 
 
+def test_with_the_clients_order_no_submission_undoes_a_newer_one_in_any_arrival_order(tmp_path):
+    # First deliveries held up too: submissions arrive in any order, each maybe several times;
+    # with the client's order on each, the label ends as the newest submission's.
+    from alignkit.feedback.items import parse_project_lines
+    from alignkit.feedback.storage import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    lines = [json.dumps({"id": f"i{i}", "prompt": "p", "completions": ["a", "b", "c"]}) for i in range(41)]
+    store.create_project("p", parse_project_lines(lines, "ranking", "t.jsonl"), 1)
+    who = store.labeler_for_token(store.invite("p", "ann"))
+    rng = random.Random(1)
+    labels = [[1, 2, 3], [3, 2, 1], [1, 1, 2], [2, 1, 1]]
+    for trial in range(40):
+        item = store.next_tasks(who)[0].item_id
+        subs = [(f"t{trial}s{k}", rng.choice(labels), 1000 * trial + k) for k in range(rng.randint(2, 6))]
+        events = subs + [rng.choice(subs) for _ in range(rng.randint(0, 6))]
+        rng.shuffle(events)
+        for sid, ranks, order in events:
+            store.submit(who, item, ranks=ranks, submission_id=sid, order=order)
+        assert store.task(who, item).my_label["ranks"] == _dense(subs[-1][1]), (trial, events)
+    # the example that lost a label before: s0, then s2, then s1's first delivery
+    item = store.next_tasks(who)[0].item_id
+    for sid, ranks, order in (("s0", [1, 2, 3], 1), ("s2", [2, 1, 3], 3), ("s1", [3, 2, 1], 2)):
+        store.submit(who, item, ranks=ranks, submission_id=sid, order=order)
+    assert store.task(who, item).my_label["ranks"] == [2, 1, 3]
+
+
+def test_a_database_from_before_the_order_column_gains_it_and_keeps_its_labels(tmp_path):
+    import sqlite3
+
+    from alignkit.feedback.items import parse_project_lines
+    from alignkit.feedback.storage import Store
+
+    path = tmp_path / "db.sqlite"
+    store = Store(f"sqlite:///{path}")
+    lines = [json.dumps({"id": "i0", "prompt": "p", "completions": ["a", "b"]})]
+    store.create_project("p", parse_project_lines(lines, "ranking", "t.jsonl"), 1)
+    token = store.invite("p", "ann")
+    who = store.labeler_for_token(token)
+    item = store.next_tasks(who)[0].item_id
+    store.submit(who, item, ranks=[2, 1])
+    store.close()
+    with sqlite3.connect(path) as db:  # as an earlier version left it
+        db.execute("ALTER TABLE fb_labels DROP COLUMN client_order")
+    store = Store(f"sqlite:///{path}")
+    who = store.labeler_for_token(token)
+    assert store.task(who, item).my_label["ranks"] == [2, 1]
+    assert store.submit(who, item, ranks=[1, 2], order=5)[1] == "updated"
+    assert store.submit(who, item, ranks=[2, 1], order=4)[1] == "unchanged"
+    assert store.task(who, item).my_label["ranks"] == [1, 2]
+
+
 def _dense(ranks):
     order = sorted(set(ranks))
     return [order.index(r) + 1 for r in ranks]

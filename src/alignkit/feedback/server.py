@@ -65,6 +65,9 @@ class LabelIn(BaseModel):
     cant_rank: bool = Field(False, description="the item is nonsensical or cannot be ranked")
     choice: Literal["A", "B", "tie", "both_bad"] | None = Field(None, description="pairwise: A = the first response shown")
     submission_id: str | None = Field(None, max_length=64, description="client-chosen id; resending it never stores twice")
+    order: int | None = Field(None, ge=0, le=INT64_MAX,
+                              description="the client's order of its submissions (a clock in ms or a counter): one "
+                                          "older than the label's last applied submission changes nothing")
 
 
 class LabelOut(BaseModel):
@@ -287,7 +290,8 @@ def create_app(config: LabelConfig | None = None, store: Store | None = None) ->
     def api_submit(body: LabelIn, token: Token):
         """Save your label on an item (create or change it). Safe to retry."""
         label_id, status = store.submit(
-            labeler(token), body.item_id, ranks=body.ranks, cant_rank=body.cant_rank, choice=body.choice, submission_id=body.submission_id
+            labeler(token), body.item_id, ranks=body.ranks, cant_rank=body.cant_rank, choice=body.choice, submission_id=body.submission_id,
+            order=body.order,
         )
         return {"label_id": label_id, "item_id": body.item_id, "status": status}
 

@@ -31,6 +31,7 @@ from urllib.parse import unquote_plus
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -167,6 +168,9 @@ class Label(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+    # The client's order of the submission this label holds (``order`` in the API): one that
+    # arrives later but was made earlier (its first delivery held up) changes nothing.
+    client_order: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Submission(Base):
@@ -197,15 +201,18 @@ _ITEM_TO_LABEL = select(_items.c.project_id, _items.c.swapped, _items.c.n_comple
 _APPLIED = select(_submissions.c.label_id).where(
     _submissions.c.labeler_id == bindparam("labeler_id"), _submissions.c.submission_id == bindparam("submission_id")
 )
-_EXISTING_LABEL = select(_labels.c.id, _labels.c.ranks, _labels.c.cant_rank, _labels.c.winner).where(
+_EXISTING_LABEL = select(_labels.c.id, _labels.c.ranks, _labels.c.cant_rank, _labels.c.winner,
+                         _labels.c.client_order).where(
     _labels.c.item_id == bindparam("item_id"), _labels.c.labeler_id == bindparam("labeler_id")
 )
 _CHANGE_LABEL = (
     _labels.update()
     .where(_labels.c.id == bindparam("label_id"))
     .values(ranks=bindparam("new_ranks", type_=JSON), cant_rank=bindparam("new_cant_rank"),
-            winner=bindparam("new_winner"), updated_at=bindparam("now"), revision=_labels.c.revision + 1)
+            winner=bindparam("new_winner"), updated_at=bindparam("now"), revision=_labels.c.revision + 1,
+            client_order=bindparam("new_order"))
 )
+_RAISE_ORDER = _labels.update().where(_labels.c.id == bindparam("label_id")).values(client_order=bindparam("new_order"))
 _ANSWER_ASSIGNMENT = (
     _assignments.update()
     .where(_assignments.c.item_id == bindparam("the_item"), _assignments.c.labeler_id == bindparam("the_labeler"))
@@ -375,6 +382,17 @@ def _create_engine(url, shown: str, kwargs: dict):
         raise AlignkitError(f"--db {shown}: cannot use this database ({str(e).splitlines()[0]})") from None
 
 
+def _add_missing_columns(engine) -> None:
+    """Columns added since a database was created (create_all makes missing tables, not columns):
+    a database from an earlier version gains them, empty, and keeps working."""
+    from sqlalchemy import inspect, text
+
+    have = {c["name"] for c in inspect(engine).get_columns(Label.__tablename__)}
+    if "client_order" not in have:
+        with engine.begin() as c:
+            c.execute(text(f"ALTER TABLE {Label.__tablename__} ADD COLUMN client_order BIGINT"))
+
+
 class Store:
     """The database, and every operation the app performs on it."""
 
@@ -428,6 +446,7 @@ class Store:
             self.engine = _create_engine(self.url, shown, engine_kwargs)
             self._write_lock = nullcontext()
         Base.metadata.create_all(self.engine)  # not a database file, no server there, no access: see __init__
+        _add_missing_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -648,16 +667,20 @@ class Store:
         cant_rank: bool = False,
         choice: str | None = None,
         submission_id: str | None = None,
+        order: int | None = None,
     ) -> tuple[int, str]:
         """Store the labeler's label on an item: -> (label id, "created" | "updated" | "unchanged").
 
         Idempotent: sending the same label again changes nothing, and neither does
         resending a ``submission_id`` that was applied before (ids are per labeler).
+        ``order`` is the client's order of its submissions (a clock or a counter): a
+        submission older than the one the label holds changes nothing, so a submission
+        whose first delivery arrives after a newer one's cannot undo it either.
         A labeler may change their own label at any time; nobody else's.
         """
         for attempt in range(3):
             try:
-                return self._submit_once(who, item_id, ranks, cant_rank, choice, submission_id)
+                return self._submit_once(who, item_id, ranks, cant_rank, choice, submission_id, order)
             except IntegrityError:
                 # PostgreSQL: the same labeler's concurrent request inserted the row
                 # first. Retrying turns this one into an update of that row.
@@ -665,7 +688,7 @@ class Store:
                     raise
         raise AssertionError("unreachable")
 
-    def _submit_once(self, who, item_id, ranks, cant_rank, choice, submission_id) -> tuple[int, str]:
+    def _submit_once(self, who, item_id, ranks, cant_rank, choice, submission_id, order) -> tuple[int, str]:
         # The hot path of the app: prebuilt Core statements on a bare connection.
         now = utcnow()
         key = {"item_id": item_id, "labeler_id": who.id}
@@ -681,13 +704,20 @@ class Store:
 
             label = c.execute(_EXISTING_LABEL, key).first()
             if label is not None:
-                if (label.ranks, bool(label.cant_rank), label.winner) == (ranks, cant_rank, winner):
+                older = order is not None and label.client_order is not None and order < label.client_order
+                if not older and order is not None and order != label.client_order and \
+                        (label.ranks, bool(label.cant_rank), label.winner) == (ranks, cant_rank, winner):
+                    # the same label, submitted later: it is now the newest, and an older
+                    # submission that arrives after it must not change it
+                    c.execute(_RAISE_ORDER, {"label_id": label.id, "new_order": order})
+                if older or (label.ranks, bool(label.cant_rank), label.winner) == (ranks, cant_rank, winner):
                     # Recorded too: a late retry of this submission, after a newer edit, must find
                     # it applied and change nothing (the rule every submission id follows).
                     self._record_submission(c, who, submission_id, label.id)
                     return label.id, "unchanged"
                 c.execute(_CHANGE_LABEL, {"label_id": label.id, "new_ranks": ranks, "new_cant_rank": cant_rank,
-                                          "new_winner": winner, "now": now})
+                                          "new_winner": winner, "now": now,
+                                          "new_order": order if order is not None else label.client_order})
                 self._record_submission(c, who, submission_id, label.id)
                 return label.id, "updated"
 
@@ -704,7 +734,8 @@ class Store:
             result = c.execute(
                 _INSERT_LABEL,
                 {"project_id": who.project_id, "item_id": item_id, "labeler_id": who.id, "ranks": ranks,
-                 "cant_rank": cant_rank, "winner": winner, "revision": 1, "created_at": now, "updated_at": now},
+                 "cant_rank": cant_rank, "winner": winner, "revision": 1, "created_at": now, "updated_at": now,
+                 "client_order": order},
             )
             label_id = result.inserted_primary_key[0]
             self._record_submission(c, who, submission_id, label_id)

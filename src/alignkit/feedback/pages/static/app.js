@@ -38,8 +38,13 @@ async function sendJSON(method, url, body) {
 
 // Submit a label, retrying on network errors with the same submission id so
 // that a retry can never store the label twice.
+// The order is the page's clock, never repeating: a submission held up on the way and
+// delivered after a newer one changes nothing on the server.
+let lastOrder = 0;
 async function submitLabel(body) {
   body.submission_id = newSubmissionId();
+  lastOrder = Math.max(Date.now(), lastOrder + 1);
+  body.order = lastOrder;
   for (let attempt = 0; ; attempt++) {
     try {
       return await sendJSON("POST", "/api/labels", body);
