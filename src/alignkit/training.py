@@ -511,7 +511,7 @@ class Engine:
         failures = []
         for path in reversed(found):
             try:
-                meta = json.loads((path / CHECKPOINT_META).read_text())
+                step, extra = self._checkpoint_meta(path)  # first: a bad meta.json loads no state at all
                 # accelerate only logs an unreadable RNG state; resuming without it is not the same run
                 torch.load(path / f"random_states_{self.process_index}.pkl", weights_only=False)
                 # Optimizer, scheduler, RNG states (and sharded models) through accelerate; strict=False
@@ -524,11 +524,33 @@ class Engine:
                 continue
             if failures:
                 self.print(f"alignkit: could not load {'; '.join(failures)}; resuming from {path.name}")
-            return Start(int(meta["step"]), meta.get("extra") or {})
+            return Start(step, extra)
         if failures:
             raise AlignkitError(f"{run.checkpoints}: cannot read checkpoint ({'; '.join(failures)}); start "
                                 f"without --resume to train from the beginning")
         return Start()
+
+    @staticmethod
+    def _checkpoint_meta(path: Path) -> tuple[int, dict]:
+        """(step, extra) from a checkpoint's meta.json; ValueError naming the file when it is not what
+        :meth:`Engine.save_checkpoint` writes (not JSON, no whole 'step' >= 0, 'extra' not a mapping)."""
+        file = path / CHECKPOINT_META
+        try:
+            meta = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{CHECKPOINT_META}: cannot read it ({type(e).__name__})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{CHECKPOINT_META}: not JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{CHECKPOINT_META}: must be a JSON object, got {type(meta).__name__}")
+        step = meta.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{CHECKPOINT_META}: field 'step' must be a whole number >= 0, got {step!r}"
+                             if "step" in meta else f"{CHECKPOINT_META}: no field 'step'")
+        extra = meta.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"{CHECKPOINT_META}: field 'extra' must be a mapping, got {type(extra).__name__}")
+        return step, extra
 
     def save_final(self, model, tokenizer, out: Path, extra: dict | None = None) -> Path:
         """The trained model as a plain transformers / peft folder (gathered when sharded)."""

@@ -16,12 +16,13 @@ Every model answer is cached on disk (:mod:`alignkit.judges.cache`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from alignkit.config import GenerationConfig, ModelConfig, opt
+from alignkit.config import GenerationConfig, ModelConfig, build, opt
 from alignkit.data.formats import prompt_text
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.judges.backends import EndpointBackend, LocalBackend
@@ -86,6 +87,25 @@ class JudgeStats:
             parts.append(f"{self.inconsistent} changed with the order of the two responses"
                          + (" (soft labels near 0.5)" if self.soft else " (ties)"))
         return ", ".join(parts)
+
+    @classmethod
+    def from_dict(cls, counts: dict, soft: bool = False) -> JudgeStats:
+        """The stats :meth:`as_dict` wrote (or their sum over processes), to summarise them."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"examples", "soft"}
+        return cls(**{k: int(v) for k, v in counts.items() if k in names},
+                   examples=list(counts.get("unparsable_examples") or []), soft=soft)
+
+    def warning(self, what: str, outcome: str, meaning: str = "the result says little") -> str | None:
+        """A console line when answers could not be used, worded as eval's unreadable-judge warning:
+        ``every judgement had an answer the judge's parser could not read and got the fallback score:
+        the result says little (first: '...')``; None when every answer was read."""
+        bad = self.unparsable + self.out_of_range
+        if not bad:
+            return None
+        share = f"every {what}" if bad >= self.asked else f"{bad} of {self.asked} {what}s"
+        reason = "could not read" + (" or found off the template's scale" if self.out_of_range else "")
+        first = f" (first: {self.examples[0][:80]!r})" if self.examples else ""
+        return f"{share} had an answer the judge's parser {reason} and {outcome}: {meaning}{first}"
 
     def note_bad(self, raw) -> None:
         if len(self.examples) < 5:
@@ -253,6 +273,17 @@ def build_backend(cfg: JudgeConfig, model=None, tokenizer=None, device=None):
     return LocalBackend(cfg.model, batch_size=cfg.generation.batch_size, device=device)
 
 
+def check_fallback(value: str, template: Template) -> float:
+    """A number as a scalar judge's fallback: finite and on the template's scale (answers off the scale are
+    rejected, so a fallback there would be a score no answer can give), checked as a config key is by
+    :func:`alignkit.config.build`, when the judge is built rather than after the sampling."""
+    scale = dataclasses.make_dataclass("Fallback", [("fallback", float, opt(ge=template.low, le=template.high))])
+    try:
+        return build(scale, {"fallback": value}, "judge").fallback
+    except ConfigError as e:
+        raise ConfigError(f"{e} (template '{template.name}' scores {template.low:g} .. {template.high:g})") from None
+
+
 def build_judge(cfg: JudgeConfig, backend=None, model=None, tokenizer=None, device=None) -> ScalarJudge | PairwiseJudge:
     """The judge a config describes; ``backend`` or a loaded ``model`` replace loading one.
 
@@ -265,6 +296,7 @@ def build_judge(cfg: JudgeConfig, backend=None, model=None, tokenizer=None, devi
             float(fb)
         except ValueError:
             raise ConfigError(f"judge fallback must be midpoint, min, max, error or a number; got {cfg.fallback!r}") from None
+        check_fallback(fb, template)
     if template.kind == "pairwise" and fb not in ("midpoint", "tie", "error"):
         raise ConfigError(f"a pairwise judge's fallback is a tie (midpoint) or error; got {cfg.fallback!r}")
     if cfg.mode == "logprob" and template.kind != "pairwise":

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from alignkit.config import build
 from alignkit.errors import AlignkitError
 
 KINDS = ("scalar", "pairwise")
@@ -38,6 +39,14 @@ PLACEHOLDERS = {
 REQUIRED = {"scalar": {"response"}, "pairwise": {"response_a", "response_b"}}
 _TOKEN = re.compile(r"\{\{|\}\}|\{(\w+)\}")
 _HEADER_KEYS = {"kind", "min", "max", "system", "guidelines", "options", "answer_prefix", "description"}
+
+
+@dataclass
+class _Scale:
+    """A scalar template's score range, read through :func:`alignkit.config.build` (finite numbers)."""
+
+    min: float
+    max: float
 
 
 @dataclass(frozen=True)
@@ -119,12 +128,12 @@ def parse_template(text: str, name: str, source: str) -> Template:
                             + ", ".join("{" + p + "}" for p in sorted(missing)))
     low = high = None
     if kind == "scalar":
-        try:
-            low, high = float(header["min"]), float(header["max"])
-        except KeyError as e:
-            raise AlignkitError(f"{source}:1: a scalar template needs '{e.args[0]}' (the score range)") from None
-        except (TypeError, ValueError):
-            raise AlignkitError(f"{source}:1: 'min' and 'max' must be numbers") from None
+        for key in ("min", "max"):
+            if key not in header:
+                raise AlignkitError(f"{source}:1: a scalar template needs '{key}' (the score range)")
+        # finite numbers, checked as a config's keys are: '.inf' would make every midpoint fallback infinite
+        scale = build(_Scale, {"min": header["min"], "max": header["max"]}, f"{source}:1")
+        low, high = scale.min, scale.max
         if not low < high:
             raise AlignkitError(f"{source}:1: 'min' ({low}) must be below 'max' ({high})")
     options = tuple(header.get("options", ("(A)", "(B)")))

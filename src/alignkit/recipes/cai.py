@@ -394,6 +394,9 @@ def feedback(cfg: Config, run: RunDir, prompts: list[PromptExample], principles:
             kept += 1
     print(f"alignkit cai: {kept} AI preference pairs -> {run.final / 'preferences.jsonl'} "
           f"({ties} ties{' or inconsistent' if fb.drop_inconsistent else ''}, {skipped} prompts with identical or empty answers); judge: {judge.stats.summary('comparisons')}")
+    warning = judge.stats.warning("comparison", "counted as a tie", "the preferences say little about the answers")
+    if warning:  # the main process judged every pair: its counts are the whole run's
+        print(f"alignkit cai: warning: {warning}")
     engine.wait()
     return {"preference_pairs": kept, "preference_ties": ties, "preference_skipped": skipped,
             "judge": judge.stats.as_dict()}

@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from alignkit.config import GenerationConfig, ModelConfig
+from alignkit.config import GenerationConfig, ModelConfig, build, opt
+from alignkit.errors import ConfigError
 from alignkit.data.formats import load_prompts
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.rollout import generate
@@ -32,15 +35,46 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
 
 
-def _load(args):
+@dataclass
+class Flags:
+    """The flags that are not generation settings, with their ranges (checked like a YAML config's keys)."""
+
+    seed: int = opt(0, ge=0, le=2**32 - 1, help="numpy's seed range")
+    n: int = opt(1, ge=1)
+    best_of: int = opt(0, ge=0, help="0: off")
+    limit: int | None = opt(None, ge=1)
+
+
+def from_flags(cls: type, args: argparse.Namespace, names: list[str], **fixed: Any):
+    """``cls`` built from the parsed flags ``names`` (plus ``fixed`` values) by :func:`alignkit.config.build`,
+
+    so a flag gets the checks its YAML key gets (ranges, finite numbers); an error names the flag:
+    ``command line: --temperature must be a finite number, got nan``.
+    """
+    raw = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    try:
+        return build(cls, {**raw, **fixed}, "command line")
+    except ConfigError as e:
+        message = str(e)
+        for name in raw:
+            message = message.replace(f"'{name}'", "--" + name.replace("_", "-"))
+        raise ConfigError(message) from None
+
+
+def _settings(args: argparse.Namespace) -> tuple[GenerationConfig, Flags]:
+    """The generation settings and the other flags, checked before anything loads."""
+    gen = from_flags(GenerationConfig, args, ["max_new_tokens", "temperature", "batch_size"],
+                     do_sample=not args.greedy)
+    return gen, from_flags(Flags, args, ["seed", "n", "best_of", "limit"])
+
+
+def _load(args, gen: GenerationConfig):
     from alignkit.training import Engine
 
     engine = Engine(seed=args.seed)
     cfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(cfg.name, cfg.cache_dir)
     model = engine.place(load_causal_lm(cfg, trainable=False, tokenizer=tok))
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           do_sample=not args.greedy, batch_size=getattr(args, "batch_size", 16))
     return model, tok, gen, engine
 
 
@@ -50,7 +84,8 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("prompt", nargs="*", help="the message; without one, read messages from stdin")
     args = p.parse_args(argv)
-    model, tok, gen, _ = _load(args)
+    gen, _ = _settings(args)
+    model, tok, gen, _ = _load(args, gen)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(text: str) -> str:
@@ -90,26 +125,29 @@ def generate_cli(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from alignkit.errors import AlignkitError
 
+    gen, _ = _settings(args)
     if args.best_of and not args.reward:
         raise AlignkitError("--best-of needs --reward SPEC")
     prompts = load_prompts(args.prompts, split=args.split, kind=args.kind, limit=args.limit)
-    model, tok, gen, engine = _load(args)
+    model, tok, gen, engine = _load(args, gen)
     from alignkit.data.collate import encode_prompts
     from alignkit.models import model_context
 
     prompts, _ = encode_prompts(tok, prompts, None, context=model_context(model), max_new_tokens=gen.max_new_tokens)
     n = args.best_of or args.n
+    reward = None
+    if args.best_of:  # before sampling: a bad spec fails in a second, not after minutes
+        from alignkit.rewards import build_reward
+
+        with engine.together():
+            if engine.is_main:
+                reward = build_reward(args.reward, device=engine.device)
     # under accelerate launch / torchrun each process samples its share; the main one writes
     gens = generate(model, tok, [q.prompt for q in prompts], gen, n=n, seed=args.seed, engine=engine)
     if not engine.is_main:
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    reward = None
-    if args.best_of:
-        from alignkit.rewards import build_reward
-
-        reward = build_reward(args.reward, device=engine.device)
     with out.open("w") as f:
         for i, q in enumerate(prompts):
             texts = [g.text for g in gens[i * n:(i + 1) * n]]

@@ -313,11 +313,28 @@ def cached_reference_logps(cfg: Config, run: RunDir, model, pad_id: int, splits:
     path = run.path / REF_CACHE
     key = reference_key(cfg, engine.unwrap(model), splits, getattr(engine, "mixed_precision", "no"))
     if path.exists():
-        with safe_open(str(path), "pt") as f:
-            stored = (f.metadata() or {}).get("key")
-        if stored == key:
-            flat = load_file(str(path))
-            return {s: {"a": flat[f"{s}.a"], "b": flat[f"{s}.b"]} for s in splits}
+        # derived data: a cache that cannot be read (emptied, cut short, not ours) is computed again
+        cached, problem = None, None
+        try:
+            with safe_open(str(path), "pt") as f:
+                stored = (f.metadata() or {}).get("key")
+            if stored == key:
+                flat = load_file(str(path))
+                cached = {s: {"a": flat[f"{s}.a"], "b": flat[f"{s}.b"]} for s in splits}
+                for s, examples in splits.items():
+                    for side in ("a", "b"):
+                        if tuple(cached[s][side].shape) != (len(examples),):
+                            raise ValueError(f"'{s}.{side}' holds {tuple(cached[s][side].shape)} values "
+                                             f"for {len(examples)} examples")
+        except Exception as e:  # noqa: BLE001 - any way a file can be broken; computing it again repairs it
+            cached, problem = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+        # every process takes the same branch: computing it again is a collective
+        if engine.reduce_max(float(problem is not None)) > 0:
+            engine.print(f"alignkit dpo: cannot read the reference cache {path} "
+                         f"({problem or 'on another process'}); computing it again")
+            cached = None
+        if cached is not None:
+            return cached
     flat, out = {}, {}
     for split, examples in splits.items():
         if examples:

@@ -237,7 +237,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
     if judge_stats is not None and engine.num_processes > 1:  # every process's judgements
         judge_stats = engine.reduce_sum({k: v for k, v in judge_stats.items() if isinstance(v, (int, float))})
         judge_stats = {**{k: int(v) if float(v).is_integer() else v for k, v in judge_stats.items()},
-                       "unparsable_examples": stats.examples}  # this process's few examples
+                       "unparsable_examples": engine.gather(stats.examples)[:5]}  # a few, from any process
     if not engine.is_main:
         engine.wait()
         return run.final
@@ -286,7 +286,14 @@ def main(cfg: Config, resume: bool = False) -> Path:
           + (f", skipped {counts['prompts_skipped']} prompts with < 2 distinct completions"
              if counts["prompts_skipped"] else "")
           + (f", {short} pairs under min_gap" if short else ""))
-    if stats is not None and hasattr(stats, "summary") and engine.num_processes == 1:
-        print(f"alignkit label-ai: judge: {stats.summary('judgements')}")
+    if judge_stats is not None and hasattr(stats, "summary"):  # every process's judgements, counted together
+        from alignkit.judges import JudgeStats
+
+        total = JudgeStats.from_dict(judge_stats)
+        print(f"alignkit label-ai: judge: {total.summary('judgements')}")
+        warning = total.warning("judgement", "got the judge's fallback score",
+                                "the rankings and pairs say little about the completions")
+        if warning:
+            print(f"alignkit label-ai: warning: {warning}")
     engine.wait()
     return run.final

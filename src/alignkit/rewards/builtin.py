@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
+from alignkit.config import build, opt
 from alignkit.errors import AlignkitError
 from alignkit.rewards import Messages, check_scores, register
 
@@ -67,12 +69,27 @@ class TokenShareReward:
         return check_scores(self.name, out, len(responses))
 
 
+@dataclass
+class _LengthArgs:
+    target: float = opt(50.0, gt=0, help="words for a full score")
+
+
+def rule_args(cls: type, spec: str, values: dict):
+    """The numbers of a rule spec, checked like a config's keys (finite, in range) by
+    :func:`alignkit.config.build`; an error names the spec: ``reward 'rule:length:nan': 'target' must be ...``."""
+    return build(cls, values, f"reward '{spec}'")
+
+
 class LengthReward:
-    """Response length in words divided by ``target``, capped at 1."""
+    """Response length in words divided by ``target``, capped at 1.
+
+    >>> LengthReward("4")([[]] * 2, ["a b", "a b c d e"]).tolist()
+    [0.5, 1.0]
+    """
 
     def __init__(self, target: str = "50"):
-        self.target = float(target or 50)
-        self.name = f"rule:length:{int(self.target)}"
+        self.target = rule_args(_LengthArgs, f"rule:length:{target}", {"target": target or 50.0}).target
+        self.name = f"rule:length:{self.target:g}"
 
     def __call__(self, prompts, responses):
         return check_scores(self.name, [min(len(t.split()) / self.target, 1.0) for t in responses], len(responses))
