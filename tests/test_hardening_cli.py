@@ -361,3 +361,29 @@ def test_label_ai_two_processes_sum_the_judge_counts_and_the_main_one_warns(tmp_
     assert "judge: 18 judgements" in done.stdout
     warnings = [ln for ln in done.stdout.splitlines() if "warning:" in ln]
     assert len(warnings) == 1 and warnings[0].startswith("alignkit label-ai: warning: every judgement")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("feedback.judge.fallback=nan", "fallback"),
+    ("feedback.judge.template=toxicity", "pairwise"),
+    ("feedback.judge.template=toxicity feedback.judge.mode=generate", "needs a pairwise one"),
+])
+def test_cai_checks_its_feedback_judge_before_the_supervised_phase(tmp_path, capsys, monkeypatch, override, message):
+    from alignkit.recipes import cai
+
+    def never(*a, **kw):
+        raise AssertionError("sampled before the judge settings were checked")
+
+    monkeypatch.setattr(cai, "load_causal_lm", never, raising=False)
+    import alignkit.models as models
+    monkeypatch.setattr(models, "load_causal_lm", never)
+    code = cli.main(["cai", "--config", str(CONFIGS / "cai-tiny.yaml"), f"run.output_dir={tmp_path}", *override.split()])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("seed", ["-1", "1e30", "2**70"])
+def test_a_run_seed_out_of_range_is_a_one_line_error(tmp_path, capsys, seed):
+    code = cli.main(["sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"run.output_dir={tmp_path}", f"run.seed={seed}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "run.seed" in err and len(err.strip().splitlines()) == 1, err

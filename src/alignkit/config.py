@@ -88,7 +88,7 @@ class DataConfig:
 class RunConfig:
     name: str = "default"
     output_dir: str = "runs"
-    seed: int = 0
+    seed: int = opt(0, ge=0, le=2**63 - 1)
 
 
 @dataclass

@@ -289,6 +289,20 @@ def build_judge(cfg: JudgeConfig, backend=None, model=None, tokenizer=None, devi
 
     ``device``: where a local judge model goes when it loads (the stage's engine device).
     """
+    template = check_judge_config(cfg)
+    backend = backend or build_backend(cfg, model, tokenizer, device)
+    cache = None
+    if cfg.cache:
+        from alignkit.models import cache_root
+
+        cache = VerdictCache(cfg.cache_dir or cache_root(cfg.model.cache_dir) / "judge-cache")
+    cls = ScalarJudge if template.kind == "scalar" else PairwiseJudge
+    return cls(backend, template, cfg, cache)
+
+
+def check_judge_config(cfg: JudgeConfig):
+    """The template a judge config names, with its fallback and mode checked: what can be said
+    wrong about a judge before any model loads (a stage calls it first, not after its sampling)."""
     template = load_template(cfg.template)
     fb = str(cfg.fallback).strip().lower()
     if template.kind == "scalar" and fb not in ("midpoint", "min", "max", "error"):
@@ -301,11 +315,4 @@ def build_judge(cfg: JudgeConfig, backend=None, model=None, tokenizer=None, devi
         raise ConfigError(f"a pairwise judge's fallback is a tie (midpoint) or error; got {cfg.fallback!r}")
     if cfg.mode == "logprob" and template.kind != "pairwise":
         raise ConfigError(f"judge mode logprob reads the options of a pairwise template; '{cfg.template}' is {template.kind}")
-    backend = backend or build_backend(cfg, model, tokenizer, device)
-    cache = None
-    if cfg.cache:
-        from alignkit.models import cache_root
-
-        cache = VerdictCache(cfg.cache_dir or cache_root(cfg.model.cache_dir) / "judge-cache")
-    cls = ScalarJudge if template.kind == "scalar" else PairwiseJudge
-    return cls(backend, template, cfg, cache)
+    return template

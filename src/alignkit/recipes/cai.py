@@ -54,6 +54,7 @@ from alignkit.data.formats import PromptExample, SFTExample, load_prompts
 from alignkit.data.io import read_text
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.judges import JudgeConfig, PairwiseJudge, build_judge
+from alignkit.judges.judge import check_judge_config
 from alignkit.runs import RunDir
 from alignkit.training import Engine, SingleProcess
 
@@ -267,8 +268,12 @@ def main(cfg: Config, resume: bool = False) -> Path:
         print(f"alignkit cai: {run.final} is already complete")
         return run.final
 
-    # -- setup: constitution, prompts, the model
+    # -- setup: constitution, prompts, the model; the feedback judge's settings are checked now,
+    #    not after the supervised phase has run
     const_name, principles = load_constitution(cfg.constitution)
+    if cfg.feedback.enabled and check_judge_config(cfg.feedback.judge).kind != "pairwise":
+        raise ConfigError(f"feedback.judge.template '{cfg.feedback.judge.template}' is a scalar template; "
+                          f"the feedback phase needs a pairwise one (constitution, pairwise)")
     if not cfg.data.path:
         raise ConfigError("data.path is empty: give red-team prompts (a file, a hub dataset or builtin:prompts)")
     prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.on_error, cfg.data.kind, cfg.data.limit)

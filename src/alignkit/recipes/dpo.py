@@ -44,9 +44,8 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, opt, to_dict
 from alignkit.data.collate import Encoded, collate, encode_example, encode_prompt, encode_response, shift_for_lm
-from alignkit.data.formats import (KTOExample, PreferencePair, detect_format, load_kto, load_preferences,
+from alignkit.data.formats import (KTOExample, PreferencePair, detect_file_format, load_kto, load_preferences,
                                    parse_preference, parse_ranking, ranking_to_pairs)
-from alignkit.data.io import read_records
 from alignkit.errors import AlignkitError, DataError
 from alignkit.losses import dpo_loss, ipo_loss, kto_loss, kto_reference_point, sequence_logprobs, simpo_loss, token_logprobs
 from alignkit.models import adapter_disabled, is_peft, load_causal_lm, load_tokenizer
@@ -105,10 +104,8 @@ def _load_records(path: str, data: DataConfig, kto: bool) -> list:
     if path.startswith("synthetic:"):
         return _synthetic_pairs(path, data)
     fmt = data.format
-    if fmt == "auto":  # peek at the first record: KTO files load differently
-        first = next(iter(read_records(path, data.split)), None)
-        if first is not None and "__invalid__" not in first.data:
-            fmt = {"kto": "kto", "sft": "sft", "prompts": "prompts"}.get(detect_format(first), "auto")
+    if fmt == "auto":  # peek at the first record that parses: KTO files load differently
+        fmt = {"kto": "kto", "sft": "sft", "prompts": "prompts"}.get(detect_file_format(path, data.split), "auto")
     if fmt in ("sft", "prompts"):
         raise AlignkitError(f"{path}: {fmt} records are not preference data; give prompt/chosen/rejected pairs, "
                             f"HH transcripts, rankings or (with loss.type=kto) prompt/completion/label")
