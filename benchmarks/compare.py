@@ -2,7 +2,7 @@
 
     pip install -e '.[bench]'                                   # TRL 1.12
     .venv/bin/python benchmarks/compare.py                      # all parts, ~15 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/compare.py --parts dpo,rm --steps 8
+    .venv/bin/python benchmarks/compare.py --parts dpo,rm-minilm --steps 8
     .venv/bin/python benchmarks/compare.py --parts generation --batches 8,32
 
 Each side runs in a child process of this one, one after the other, so that peak memory
@@ -18,6 +18,10 @@ data, batch size, lengths, precision (fp32) and number of optimizer steps:
   LoRA r=16, batch 8 pairs, 128 tokens, against TRL's ``RewardTrainer``.
 - ``generation``: tokens per second of alignkit's sampler against plain
   ``model.generate(do_sample=True)`` from the same distribution (``benchmarks/generation.py``).
+
+Gradient checkpointing is off on both sides (TRL turns it on by default: with it, TRL
+recomputes activations and uses less memory; ``COMPARE_GRADIENT_CHECKPOINTING=1`` turns it
+on for both).
 
 PPO, the same work and each library's recommended LoRA set-up, is ``benchmarks/ppo_vs_trl.py``
 (``--lora``, ``--recommended``). Per step: alignkit's ``time/step`` (end of one optimizer
@@ -45,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 POLICY = "builtin:smollm2-135m-instruct"
 ENCODER = "builtin:minilm-l6"
 MAX_LENGTH, LR, BETA, LORA_R, LORA_ALPHA = 128, 1e-5, 0.1, 16, 32
+GRADIENT_CHECKPOINTING = os.environ.get("COMPARE_GRADIENT_CHECKPOINTING", "0") == "1"
 SETTINGS = {  # part -> (model, lora, batch size)
     "dpo": (POLICY, True, 4),
     "rm-minilm": (ENCODER, False, 8),
@@ -71,7 +76,8 @@ def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
                  f"model.lora.alpha={LORA_ALPHA}", f"data.path={pairs}", "data.eval_fraction=0",
                  f"data.max_length={MAX_LENGTH}", f"train.batch_size={batch}", "train.grad_accum=1",
                  f"train.max_steps={steps}", f"train.learning_rate={LR}", "train.save_every=0", "train.log_every=1",
-                 f"run.output_dir={out}", "run.name=bench"]
+                 f"run.output_dir={out}", "run.name=bench",
+                 f"train.gradient_checkpointing={str(GRADIENT_CHECKPOINTING).lower()}"]
     if stage == "dpo":
         from alignkit.recipes import dpo as recipe
 
@@ -105,7 +111,9 @@ def run_trl(part: str, pairs: Path, steps: int, out: Path) -> dict:
     common = dict(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                   max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                   max_length=MAX_LENGTH, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
-                  bf16=False, fp16=False, seed=0, dataloader_num_workers=0, disable_dropout=True)
+                  bf16=False, fp16=False, seed=0, dataloader_num_workers=0, disable_dropout=True,
+                  # TRL turns it on by default; the same work means the same setting on both sides
+                  gradient_checkpointing=GRADIENT_CHECKPOINTING)
     ends: list[float] = []
 
     class StepClock(TrainerCallback):
@@ -122,6 +130,8 @@ def run_trl(part: str, pairs: Path, steps: int, out: Path) -> dict:
         from trl import RewardConfig, RewardTrainer
 
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        if tok.eos_token is None:  # BERT-style: the separator closes a sequence
+            tok.eos_token = tok.sep_token
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model.config.pad_token_id = tok.pad_token_id
@@ -155,7 +165,7 @@ def launch(side: str, part: str, pairs: Path, steps: int) -> dict:
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
     if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{part}: {side} failed")
+        raise RuntimeError(f"{part}: {side} failed")
     result = json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
     result["peak_mib"] = usage.ru_maxrss / 1024
     return result
@@ -197,7 +207,11 @@ def main() -> int:
         for part in parts:
             if part in SETTINGS:
                 print(f"running {part} ...", flush=True)
-                lines.append(training_part(part, args.steps, Path(tmp)))
+                try:
+                    lines.append(training_part(part, args.steps, Path(tmp)))
+                except RuntimeError as e:
+                    lines.append(f"{part:<11} FAILED: {e}")
+                print(lines[-1], flush=True)
             elif part == "generation":
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
                 done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--model",
