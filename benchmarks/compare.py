@@ -21,7 +21,8 @@ data, batch size, lengths, precision (fp32) and number of optimizer steps:
 
 Gradient checkpointing is off on both sides (TRL turns it on by default: with it, TRL
 recomputes activations and uses less memory; ``COMPARE_GRADIENT_CHECKPOINTING=1`` turns it
-on for both).
+on for both), and dropout is what alignkit does on both: off for DPO, the model's own for
+reward models (MiniLM's 0.1; TRL's default turns it off).
 
 PPO, the same work and each library's recommended LoRA set-up, is ``benchmarks/ppo_vs_trl.py``
 (``--lora``, ``--recommended``). Per step: alignkit's ``time/step`` (end of one optimizer
@@ -111,7 +112,9 @@ def run_trl(part: str, pairs: Path, steps: int, out: Path) -> dict:
     common = dict(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                   max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                   max_length=MAX_LENGTH, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
-                  bf16=False, fp16=False, seed=0, dataloader_num_workers=0, disable_dropout=True,
+                  bf16=False, fp16=False, seed=0, dataloader_num_workers=0,
+                  # as alignkit: DPO without dropout (as its RL stages), reward models with the model's own
+                  disable_dropout=part == "dpo",
                   # TRL turns it on by default; the same work means the same setting on both sides
                   gradient_checkpointing=GRADIENT_CHECKPOINTING)
     ends: list[float] = []

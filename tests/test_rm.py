@@ -208,3 +208,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         build_reward(f"rm:{tmp_path}")
     with pytest.raises(AlignkitError, match="unknown option"):
         build_reward(f"rm:{tmp_path}?normalise=true")
+
+
+def test_a_decoder_scorer_builds_no_kv_cache_in_its_forwards(tiny_tokenizer):
+    # A reward model reads whole sequences once; transformers' decoders build a KV cache in
+    # every forward unless told not to (memory and copies per layer for nothing).
+    from alignkit.config import ModelConfig
+    from alignkit.models import load_sequence_scorer
+
+    model = load_sequence_scorer(ModelConfig(name="tiny:llama"), tokenizer=tiny_tokenizer)
+    assert model.config.use_cache is False
+    out = model(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    assert getattr(out, "past_key_values", None) is None

@@ -246,6 +246,10 @@ def load_sequence_scorer(cfg: ModelConfig, *, trainable: bool = True, rl: bool =
                                  num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **_attention(cfg))
         tok = tokenizer or load_tokenizer(cfg.name, cfg.cache_dir, padding_side="right")
     _sync_special_tokens(model, tok)
+    if getattr(model.config, "use_cache", None):
+        # A scorer reads whole sequences once: a decoder's KV cache, built by default in
+        # every forward (training ones too), is memory and copies for nothing.
+        model.config.use_cache = False
     if rl:
         disable_dropout(model)
     if cfg.lora.enabled and trainable:
