@@ -99,8 +99,9 @@ def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow(tiny_tok
     scaler = engine.accelerator.scaler
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
     model = load_causal_lm(ModelConfig(name="tiny:llama"), tokenizer=tiny_tokenizer)
-    train = TrainConfig(learning_rate=1e-3, warmup_steps=4)
+    train = TrainConfig(learning_rate=1e-3, warmup_steps=4, mixed_precision="fp16")
     opt = build_optimizer(trainable_parameters(model), train)
+    assert not opt.defaults.get("fused")  # the scaler's own overflow check must run
     model, opt, sched = engine.prepare(model, opt, build_scheduler(opt, train), train)
     ids, mask = _batch(tiny_tokenizer)
     weights = lambda: torch.cat([p.detach().flatten() for p in engine.unwrap(model).parameters()])  # noqa: E731
@@ -115,6 +116,30 @@ def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow(tiny_tok
     engine.step(model, opt, sched, train, 2)
     assert not engine.step_was_skipped and not torch.equal(weights(), w0)
     assert {p.dtype for p in engine.unwrap(model).parameters()} == {torch.float32}
+
+
+def test_adamw_is_fused_except_under_fp16_loss_scaling(tiny_tokenizer):
+    # fused: one kernel for every tensor (torch's CPU default loops in Python); the same update
+    model = load_causal_lm(ModelConfig(name="tiny:llama"), tokenizer=tiny_tokenizer)
+    params = trainable_parameters(model)
+    assert build_optimizer(params, TrainConfig()).defaults["fused"]
+    assert build_optimizer(params, TrainConfig(mixed_precision="bf16")).defaults["fused"]
+    assert not build_optimizer(params, TrainConfig(mixed_precision="fp16")).defaults.get("fused")
+    fused = build_optimizer(params, TrainConfig())
+    with pytest.raises(ConfigError, match="fp16 loss scaling"):
+        Engine("fp16").prepare(model, fused, build_scheduler(fused, TrainConfig()), TrainConfig())
+    # one step of each from the same weights and gradient: the same weights to float rounding
+    torch.manual_seed(0)
+    w = [torch.randn(5, 3, requires_grad=True) for _ in range(2)]
+    g = [torch.randn(5, 3) for _ in range(2)]
+    after = []
+    for kwargs in ({"fused": True}, {"foreach": False}):
+        copies = [x.detach().clone().requires_grad_() for x in w]
+        for c, gi in zip(copies, g):
+            c.grad = gi.clone()
+        torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1, **kwargs).step()
+        after.append(torch.cat([c.detach().flatten() for c in copies]))
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=1e-7)
 
 
 def test_low_precision_trainable_weights_are_refused(tmp_path, capsys):

@@ -60,6 +60,7 @@ from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metr
                              rollout_samples, run_steps, score_rollout)
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout
 from alignkit.runs import RunDir
+from alignkit import training
 from alignkit.training import Engine, build_scheduler
 
 STAGE = "ppo"
@@ -261,8 +262,7 @@ def build_optimizer(ac: ActorCritic, cfg: Config) -> torch.optim.Optimizer:
     actor = [q for q in ac.parameters() if q.requires_grad and id(q) not in critic_ids]
     groups = [{"params": actor}, {"params": [q for q in ac.critic.parameters() if q.requires_grad],
                                   "lr": cfg.value.learning_rate or cfg.train.learning_rate}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.learning_rate,
-                             weight_decay=cfg.train.weight_decay)
+    return training.build_optimizer([g for g in groups if g["params"]], cfg.train)
 
 
 def kl_controller(cfg: Config):
