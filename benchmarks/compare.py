@@ -16,6 +16,10 @@ data, batch size, lengths, precision (fp32) and number of optimizer steps:
   TRL computes them in every step (its default).
 - ``rm``: reward-model training, the built-in MiniLM-L6 encoder in full and SmolLM2 with
   LoRA r=16, batch 8 pairs, 128 tokens, against TRL's ``RewardTrainer``.
+- ``grpo``: GRPO with SmolLM2 and LoRA r=16 against TRL's ``GRPOTrainer`` (transformers
+  generation on both sides): 4 red-team prompts x 4 answers of at most 40 tokens per step at
+  temperature 0.7, one optimizer step per rollout over micro-batches of 8, one pass, KL weight
+  0.04 with the reference by adapter switch, the reward ``min(words / 40, 1)`` on both sides.
 - ``generation``: tokens per second of alignkit's sampler against plain
   ``model.generate(do_sample=True)`` from the same distribution (``benchmarks/generation.py``).
 
@@ -53,6 +57,7 @@ MAX_LENGTH, LR, BETA, LORA_R, LORA_ALPHA = 128, 1e-5, 0.1, 16, 32
 GRADIENT_CHECKPOINTING = os.environ.get("COMPARE_GRADIENT_CHECKPOINTING", "0") == "1"
 SETTINGS = {  # part -> (model, lora, batch size)
     "dpo": (POLICY, True, 4),
+    "grpo": (POLICY, True, 8),
     "rm-minilm": (ENCODER, False, 8),
     "rm-smollm2": (POLICY, True, 8),
 }
@@ -72,6 +77,8 @@ def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
     from alignkit.runs import read_metrics
 
     model, lora, batch = SETTINGS[part]
+    if part == "grpo":
+        return _alignkit_grpo(steps, out)
     stage = "dpo" if part == "dpo" else "rm"
     overrides = [f"model.name={model}", f"model.lora.enabled={str(lora).lower()}", f"model.lora.r={LORA_R}",
                  f"model.lora.alpha={LORA_ALPHA}", f"data.path={pairs}", "data.eval_fraction=0",
@@ -91,6 +98,75 @@ def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
     return {"step_s": [r["time/step"] for r in rows if "time/step" in r]}
 
 
+GRPO_PROMPTS, GRPO_G, GRPO_TOKENS, GRPO_TEMPERATURE, GRPO_BETA, LENGTH_TARGET = 4, 4, 40, 0.7, 0.04, 40
+
+
+def grpo_prompts(n: int) -> list[str]:
+    from alignkit.data.formats import load_prompts
+
+    return [p.prompt for p in load_prompts("builtin:prompts", split="train", kind="red_team", limit=n)]
+
+
+def _alignkit_grpo(steps: int, out: Path) -> dict:
+    from alignkit.config import load_config
+    from alignkit.recipes import rl
+    from alignkit.runs import read_metrics
+
+    overrides = [f"model.name={POLICY}", "model.lora.enabled=true", f"model.lora.r={LORA_R}",
+                 f"model.lora.alpha={LORA_ALPHA}", f"reward.spec=rule:length:{LENGTH_TARGET}",
+                 "data.prompts.path=builtin:prompts", "data.prompts.kind=red_team",
+                 f"generation.max_new_tokens={GRPO_TOKENS}", f"generation.temperature={GRPO_TEMPERATURE}",
+                 f"generation.batch_size={GRPO_PROMPTS * GRPO_G}", "rl.algorithm=grpo", f"rl.steps={steps}",
+                 f"rl.prompts_per_step={GRPO_PROMPTS}", f"rl.samples_per_prompt={GRPO_G}",
+                 f"rl.minibatch_size={GRPO_PROMPTS * GRPO_G}", "train.grad_accum=2", "rl.epochs=1",
+                 f"rl.kl_coef={GRPO_BETA}", f"train.learning_rate={LR}", "train.save_every=0",
+                 f"run.output_dir={out}", "run.name=bench"]
+    rl.main(load_config(rl.Config, None, overrides))
+    rows = read_metrics(out / "bench" / "rl")
+    return {"step_s": [r["time/step"] for r in rows if "time/step" in r][1:]}
+
+
+def _trl_grpo(steps: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignkit.models import resolve
+
+    path = resolve(POLICY)
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    data = Dataset.from_list([{"prompt": m} for m in grpo_prompts(GRPO_PROMPTS * steps)])
+
+    def length_reward(completions, **kwargs):  # as alignkit's rule:length:40
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [min(len(t.split()) / LENGTH_TARGET, 1.0) for t in texts]
+
+    ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            ends.append(time.perf_counter())
+
+    args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=GRPO_PROMPTS * GRPO_G // 2,
+                      gradient_accumulation_steps=2, num_generations=GRPO_G, max_completion_length=GRPO_TOKENS,
+                      temperature=GRPO_TEMPERATURE, top_k=0, top_p=1.0, beta=GRPO_BETA, num_iterations=1,
+                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_steps=steps,
+                      report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, bf16=False, fp16=False,
+                      seed=0, dataloader_num_workers=0, gradient_checkpointing=GRADIENT_CHECKPOINTING,
+                      disable_dropout=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=data,
+                          processing_class=tok, callbacks=[StepClock()],
+                          peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    start = time.perf_counter()
+    trainer.train()
+    marks = [start, *ends]
+    return {"step_s": [b - a for a, b in zip(marks, marks[1:])][1:]}
+
+
 def run_trl(part: str, pairs: Path, steps: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
@@ -99,6 +175,8 @@ def run_trl(part: str, pairs: Path, steps: int, out: Path) -> dict:
 
     from alignkit.models import resolve
 
+    if part == "grpo":
+        return _trl_grpo(steps, out)
     model_name, lora, batch = SETTINGS[part]
     path = resolve(model_name)
     tok = AutoTokenizer.from_pretrained(path)
@@ -180,6 +258,7 @@ def launch(side: str, part: str, pairs: Path, steps: int) -> dict:
 def training_part(part: str, steps: int, tmp: Path) -> str:
     pairs = tmp / f"{part}.jsonl"
     write_pairs(pairs, SETTINGS[part][2] * steps)  # one epoch: the reference cache covers what is trained
+    # (grpo reads prompts, not pairs)
     res = {side: launch(side, part, pairs, steps) for side in ("alignkit", "trl")}
     med = {s: statistics.median(r["step_s"]) for s, r in res.items()}
     model, lora, batch = SETTINGS[part]
@@ -192,7 +271,7 @@ def training_part(part: str, steps: int, tmp: Path) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="dpo,rm-minilm,rm-smollm2,generation")
+    p.add_argument("--parts", default="dpo,rm-minilm,rm-smollm2,grpo,generation")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per side (the first is warm-up)")
     p.add_argument("--batches", default="8,32", help="generation: batch sizes")
     p.add_argument("--side", choices=("alignkit", "trl"), help=argparse.SUPPRESS)
