@@ -1,7 +1,7 @@
 """alignkit against TRL on the same work, side by side in one run: DPO, reward-model training, sampling.
 
     pip install -e '.[bench]'                                   # TRL 1.12
-    .venv/bin/python benchmarks/compare.py                      # all parts, ~15 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/compare.py                      # all parts, ~20 minutes on 2 CPU cores
     .venv/bin/python benchmarks/compare.py --parts dpo,rm-minilm --steps 8
     .venv/bin/python benchmarks/compare.py --parts generation --batches 8,32
 

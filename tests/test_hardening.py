@@ -466,20 +466,25 @@ def test_an_unreadable_judge_says_so_on_the_console(tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if l.startswith("tuned vs start ("))
     following = out.splitlines()[out.splitlines().index(line) + 1]
-    assert "warning: every comparison(s) had an answer the judge's parser could not read" in following
+    assert "warning: every comparison had an answer the judge's parser could not read" in following
 
 
 # --------------------------------------------------------------------------- 6. the labeling app
 
 
-def test_a_late_retry_never_undoes_a_newer_label_in_any_interleaving(tmp_path):
+def _one_labeler(tmp_path, n_items: int):
+    """A ranking project of ``n_items`` items of three completions, and its one labeler."""
     from alignkit.feedback.items import parse_project_lines
     from alignkit.feedback.storage import Store
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    lines = [json.dumps({"id": f"i{i}", "prompt": "p", "completions": ["a", "b", "c"]}) for i in range(40)]
+    lines = [json.dumps({"id": f"i{i}", "prompt": "p", "completions": ["a", "b", "c"]}) for i in range(n_items)]
     store.create_project("p", parse_project_lines(lines, "ranking", "t.jsonl"), 1)
-    who = store.labeler_for_token(store.invite("p", "ann"))
+    return store, store.labeler_for_token(store.invite("p", "ann"))
+
+
+def test_a_late_retry_never_undoes_a_newer_label_in_any_interleaving(tmp_path):
+    store, who = _one_labeler(tmp_path, 40)
     rng = random.Random(0)
     for trial in range(40):
         item = store.next_tasks(who)[0].item_id
@@ -500,13 +505,7 @@ def test_a_late_retry_never_undoes_a_newer_label_in_any_interleaving(tmp_path):
 def test_with_the_clients_order_no_submission_undoes_a_newer_one_in_any_arrival_order(tmp_path):
     # First deliveries held up too: submissions arrive in any order, each maybe several times;
     # with the client's order on each, the label ends as the newest submission's.
-    from alignkit.feedback.items import parse_project_lines
-    from alignkit.feedback.storage import Store
-
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    lines = [json.dumps({"id": f"i{i}", "prompt": "p", "completions": ["a", "b", "c"]}) for i in range(41)]
-    store.create_project("p", parse_project_lines(lines, "ranking", "t.jsonl"), 1)
-    who = store.labeler_for_token(store.invite("p", "ann"))
+    store, who = _one_labeler(tmp_path, 41)
     rng = random.Random(1)
     labels = [[1, 2, 3], [3, 2, 1], [1, 1, 2], [2, 1, 1]]
     for trial in range(40):

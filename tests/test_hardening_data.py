@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from alignkit import cli
 from alignkit.data.io import DataWarning
+from test_hardening import run  # alignkit ARGS -> (exit code, stderr), a failure one line
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -27,16 +27,6 @@ PAIR = {"prompt": "Say hi", "chosen": "Hello there, nice to meet you.", "rejecte
 RANKED = {"prompt": "Say hi", "completions": ["Hello there, nice to meet you.", "Go away.", "Hi!"]}
 DEEP = "[" * 200_000 + "]" * 200_000  # beyond what the json parser can recurse into
 SURROGATE = "\\ud800"  # as a JSON file writes it: a lone half of a UTF-16 pair
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    """``alignkit ARGS``: (exit code, stderr); a failure must be one line without a traceback."""
-    capsys.readouterr()
-    code = cli.main(list(args))
-    err = capsys.readouterr().err
-    if code:
-        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return code, err
 
 
 def jsonl(*rows) -> bytes:
@@ -109,17 +99,6 @@ def test_deep_nesting_is_skipped_and_counted_with_on_error_skip(tmp_path, capsys
     with pytest.warns(DataWarning, match=rf"{what}.*deep.jsonl:line 2: invalid JSON \(lists/objects nested"):
         code, _ = run(capsys, *stage(name, tmp_path, path, "data.on_error=skip"))
     assert code == 0
-
-
-def test_a_deeply_nested_project_file_line_is_a_located_error(tmp_path, capsys):
-    from alignkit.feedback.cli import main as label
-
-    path = tmp_path / "items.jsonl"
-    path.write_bytes(jsonl(RANKED, line('{"prompt": "p", "completions": VALUE}', DEEP)))
-    assert label(["create-project", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}", "--file", str(path),
-                  "--kind", "ranking", "--name", "p"]) == 2
-    err = capsys.readouterr().err
-    assert "items.jsonl:line 2: invalid JSON (lists/objects nested" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_csv_cell_too_deep_to_decode_stays_text():
@@ -283,15 +262,19 @@ def test_a_lone_surrogate_is_skipped_and_counted_with_on_error_skip(tmp_path, ca
     assert code == 0
 
 
-def test_a_lone_surrogate_in_a_project_file_is_a_located_error(tmp_path, capsys):
+@pytest.mark.parametrize("value, template, message", [
+    (DEEP, '{"prompt": "p", "completions": VALUE}', "line 2: invalid JSON (lists/objects nested"),
+    (SURROGATE, '{"prompt": "p", "completions": ["a", "VALUE"]}', "line 2: field 'completions[1]': not valid text"),
+])
+def test_a_project_file_line_the_app_cannot_store_is_a_located_error(tmp_path, capsys, value, template, message):
     from alignkit.feedback.cli import main as label
 
     path = tmp_path / "items.jsonl"
-    path.write_bytes(jsonl(RANKED, line('{"prompt": "p", "completions": ["a", "VALUE"]}', SURROGATE)))
+    path.write_bytes(jsonl(RANKED, line(template, value)))
     assert label(["create-project", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}", "--file", str(path),
                   "--kind", "ranking", "--name", "p"]) == 2
     err = capsys.readouterr().err
-    assert "items.jsonl:line 2: field 'completions[1]': not valid text" in err and len(err.strip().splitlines()) == 1
+    assert f"items.jsonl:{message}" in err and len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- 4. format from the first record that parses

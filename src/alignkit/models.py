@@ -308,14 +308,10 @@ def _from_pretrained(cls, path: str, name: str, **kw):
         return cls.from_pretrained(path, local_files_only=local or _offline(), **kw)
     except OSError as e:
         raise AlignkitError(f"cannot load model '{name}': {_first_line(e)}") from None
-    except (ImportError, ValueError) as e:
-        if "attn_implementation" in kw:
+    except Exception as e:  # noqa: BLE001 - a local folder is input: emptied or cut-short weights, a bad config
+        if isinstance(e, (ImportError, ValueError)) and "attn_implementation" in kw:
             raise AlignkitError(f"model.attn_implementation={kw['attn_implementation']!r} for '{name}': "
                                 f"{_first_line(e)}") from None
-        if not local:
-            raise
-        raise AlignkitError(f"cannot load model folder {path}: {type(e).__name__}: {_first_line(e)}") from None
-    except Exception as e:  # noqa: BLE001 - a local folder is input: emptied or cut-short weights, a bad config
         if not local:
             raise
         raise AlignkitError(f"cannot load model folder {path}: {type(e).__name__}: {_first_line(e)}") from None

@@ -82,20 +82,14 @@ def unencodable(value: Any) -> str | None:
     >>> unencodable({"ok": ["fine", 1, None]}) is None
     True
     """
-    stack: list[tuple[Any, tuple]] = [(value, ())]
-    while stack:  # iterative: a deeply nested body must not exhaust the recursion limit
-        v, path = stack.pop()
-        if isinstance(v, str):
-            if not _encodes(v):
-                return ".".join(map(str, path)) or "body"
-        elif isinstance(v, dict):
-            for k in v:
-                if isinstance(k, str) and not _encodes(k):
-                    return (".".join(map(str, path)) or "body") + " (a key)"
-            stack.extend((v[k], path + (k,)) for k in reversed(list(v)))
-        elif isinstance(v, (list, tuple)):
-            stack.extend((x, path + (i,)) for i, x in reversed(list(enumerate(v))))
-    return None
+    from alignkit.data.io import find_unusable
+
+    found = find_unusable(value, max_depth=None)
+    if found is None:
+        return None
+    path, is_key, _ = found
+    where = ".".join(map(str, path[:-1] if is_key else path)) or "body"
+    return where + " (a key)" if is_key else where
 
 
 def _encodes(text: str) -> bool:

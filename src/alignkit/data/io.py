@@ -87,38 +87,51 @@ def _deep_line(text: str) -> int | None:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def check_values(data: Any) -> tuple[str, str] | None:
-    """``(field, problem)`` for the first value of a record that no later stage can use: a
-    string (key or value, at any depth) that is not encodable text (a lone UTF-16 surrogate
-    such as the JSON escape ``"\\ud800"``), or lists/objects nested more than MAX_DEPTH
-    levels. None when every value is fine. Walks without recursion."""
-    stack: list[tuple[str, Any, int]] = [("", data, 0)]
+def find_unusable(data: Any, max_depth: int | None = MAX_DEPTH) -> tuple[tuple, bool, str] | None:
+    """``(path, is_key, problem)`` for the first value of JSON-like ``data`` that no later stage can
+    use: a string (key or value, at any depth) that is not encodable text (a lone UTF-16 surrogate
+    such as the JSON escape ``"\\ud800"``), or (``max_depth``) lists/objects nested deeper than that.
+    ``path`` holds the keys and indices from the top (a bad key's ends with the key); None when every
+    value is fine. Walks without recursion. The readers and the web apps share it.
+    """
+    stack: list[tuple[tuple, Any]] = [((), data)]
     while stack:
-        path, value, depth = stack.pop()
+        path, value = stack.pop()
         if isinstance(value, str):
             bad = _LONE_SURROGATE.search(value)
             if bad:
-                return path, (f"not valid text (a lone surrogate \\u{ord(bad.group()):04x} at character "
-                              f"{bad.start() + 1}: half of a UTF-16 pair, as a JSON \\u escape writes it; "
-                              f"give the whole character)")
+                return path, False, _surrogate_problem(bad, "")
         elif isinstance(value, (dict, list, tuple)):
-            if depth > MAX_DEPTH:
-                return path.split("[")[0].split(".")[0] or None, (f"lists/objects nested more than {MAX_DEPTH} "
-                                                                  f"levels deep")
+            if max_depth is not None and len(path) > max_depth:
+                return path[:1], False, f"lists/objects nested more than {max_depth} levels deep"
             if isinstance(value, dict):
-                items = []
-                for k, v in value.items():
-                    name = _field_name(k)
-                    key = f"{path}.{name}" if path else name
-                    if isinstance(k, str) and _LONE_SURROGATE.search(k):
-                        return key, (f"the key is not valid text (a lone surrogate \\u"
-                                     f"{ord(_LONE_SURROGATE.search(k).group()):04x}: half of a UTF-16 pair, "
-                                     f"as a JSON \\u escape writes it; give the whole character)")
-                    items.append((key, v, depth + 1))
+                for k in value:
+                    bad = _LONE_SURROGATE.search(k) if isinstance(k, str) else None
+                    if bad:
+                        return path + (k,), True, _surrogate_problem(bad, "the key is ")
+                items = [(path + (k,), v) for k, v in value.items()]
             else:
-                items = [(f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value)]
+                items = [(path + (i,), v) for i, v in enumerate(value)]
             stack.extend(reversed(items))
     return None
+
+
+def _surrogate_problem(bad: re.Match, what: str) -> str:
+    return (f"{what}not valid text (a lone surrogate \\u{ord(bad.group()):04x} at character {bad.start() + 1}: "
+            f"half of a UTF-16 pair, as a JSON \\u escape writes it; give the whole character)")
+
+
+def check_values(data: Any) -> tuple[str | None, str] | None:
+    """``(field, problem)`` for the first value of a record that no later stage can use
+    (:func:`find_unusable`), the field written as ``messages[1].content``; None when all are fine."""
+    found = find_unusable(data)
+    if found is None:
+        return None
+    path, _, problem = found
+    field = ""
+    for part in path:
+        field += f"[{part}]" if isinstance(part, int) else (f".{_field_name(part)}" if field else _field_name(part))
+    return field or None, problem
 
 
 def _field_name(key: Any) -> str:

@@ -389,12 +389,9 @@ class LLMJudge:
     def warning(self) -> str | None:
         """Said on the console beside the result when the judge's answers could not be read."""
         stats_ = getattr(self.judge, "stats", None)
-        if stats_ is None or not stats_.unparsable:
+        if stats_ is None:
             return None
-        share = "every" if stats_.unparsable == stats_.asked else f"{stats_.unparsable} of {stats_.asked}"
-        return (f"{share} comparison(s) had an answer the judge's parser could not read and counted as a tie: "
-                f"the result says little about the models (first: {stats_.examples[0][:80]!r})"
-                if stats_.examples else f"{share} comparison(s) had an unreadable answer, counted as ties")
+        return stats_.warning("comparison", "counted as a tie", "the result says little about the models")
 
 
 def build_pairwise_judge(spec: str, options: dict | None = None, device=None) -> SwappedJudge | LLMJudge:

@@ -704,13 +704,13 @@ class Store:
 
             label = c.execute(_EXISTING_LABEL, key).first()
             if label is not None:
+                same = (label.ranks, bool(label.cant_rank), label.winner) == (ranks, cant_rank, winner)
                 older = order is not None and label.client_order is not None and order < label.client_order
-                if not older and order is not None and order != label.client_order and \
-                        (label.ranks, bool(label.cant_rank), label.winner) == (ranks, cant_rank, winner):
+                if same and not older and order is not None and order != label.client_order:
                     # the same label, submitted later: it is now the newest, and an older
                     # submission that arrives after it must not change it
                     c.execute(_RAISE_ORDER, {"label_id": label.id, "new_order": order})
-                if older or (label.ranks, bool(label.cant_rank), label.winner) == (ranks, cant_rank, winner):
+                if older or same:
                     # Recorded too: a late retry of this submission, after a newer edit, must find
                     # it applied and change nothing (the rule every submission id follows).
                     self._record_submission(c, who, submission_id, label.id)

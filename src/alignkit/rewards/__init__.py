@@ -80,29 +80,27 @@ def build_reward(spec: Any, **ctx) -> RewardFn:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+    # a real number (int, float, numpy's, a 0-d tensor: anything float() reads), not text and not a bool
+    return hasattr(type(x), "__float__") and not isinstance(x, (bool, np.bool_, str, bytes))
 
 
 def check_scores(name: str, scores: Any, n: int) -> np.ndarray:
     """Scores as float64 (B,); a wrong count, a value that is not a number (text such as '0.5',
     True/False, None) or a non-finite one is an error, never a zero or a silent conversion."""
-    if isinstance(scores, (list, tuple)):
-        bad = next(((i, x) for i, x in enumerate(scores) if not _is_number(x)), None)
+    try:
+        raw = np.asarray(scores)
+    except Exception:  # noqa: BLE001 - an object numpy cannot read at all
+        raw = np.asarray(None, dtype=object)
+    # A list is checked item by item (numpy would turn [True, 0.5] into floats); so is an
+    # array that is not numeric (text, bools, objects).
+    if isinstance(scores, (list, tuple)) or raw.dtype.kind not in "iuf":
+        items = list(scores) if isinstance(scores, (list, tuple)) else raw.reshape(-1).tolist() if raw.ndim \
+            else [scores]
+        bad = next(((i, x) for i, x in enumerate(items) if not _is_number(x)), None)
         if bad is not None:
             _not_a_number(name, *bad)
-        arr = np.asarray(scores, dtype=np.float64).reshape(-1)
-    else:
-        try:
-            raw = np.asarray(scores)
-        except Exception:  # an object numpy cannot read at all
-            raw = np.asarray(None, dtype=object)
-        if raw.dtype.kind not in "iuf":  # bool, text, objects: name the first that is not a number
-            flat = raw.reshape(-1).tolist() if raw.ndim else [scores]
-            bad = next(((i, x) for i, x in enumerate(flat) if not _is_number(x)), None)
-            if bad is not None:
-                _not_a_number(name, *bad)
-            raw = np.asarray(flat, dtype=np.float64)
-        arr = raw.astype(np.float64).reshape(-1)
+        raw = np.asarray([float(x) for x in items], dtype=np.float64)
+    arr = raw.astype(np.float64).reshape(-1)
     if arr.shape[0] != n:
         raise AlignkitError(f"reward '{name}' returned {arr.shape[0]} scores for {n} responses")
     bad_at = np.flatnonzero(~np.isfinite(arr))
