@@ -8,7 +8,7 @@ from alignkit.config import GenerationConfig, ModelConfig
 from alignkit.data.collate import encode_prompt
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.actor_critic import ActorCritic, reference_forward
-from alignkit.rollout import InverseCDFSampler, generate, layout, ppo_rollout
+from alignkit.rollout import draw, generate, layout, ppo_rollout
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
@@ -119,26 +119,30 @@ def test_rollout_is_reproducible_from_the_seed(tok):
     assert torch.equal(runs[0].logprobs, runs[1].logprobs)
 
 
-def test_inverse_cdf_sampler_draws_from_the_tempered_softmax():
+def test_draw_samples_the_tempered_softmax():
     # logits [2, 1, 0, -1, -inf] at T = 0.5 -> [4, 2, 0, -2, -inf]; e^4 = 54.598, e^2 = 7.389,
     # e^0 = 1, e^-2 = 0.135, sum 63.122 -> p = [0.8650, 0.1171, 0.0158, 0.0021, 0]
     expected = torch.tensor([54.598, 7.389, 1.0, 0.135, 0.0]) / 63.122
-    sampler = InverseCDFSampler(temperature=0.5)
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")]).repeat(40_000, 1)
     torch.manual_seed(0)
-    scores = sampler(None, logits)
-    drawn = scores.argmax(-1)
-    # the returned scores make the draw the only choice of a greedy step
-    assert torch.isfinite(scores).sum(-1).eq(1).all()
+    drawn, recorded = draw(logits, temperature=0.5)
     freq = torch.bincount(drawn, minlength=5).double() / len(drawn)
     assert freq[4] == 0  # probability 0 is never drawn
     # 40,000 draws: the standard error of p = 0.865 is 0.0017, of p = 0.0021 it is 0.00023
     torch.testing.assert_close(freq, expected.double(), atol=0.007, rtol=0)
     assert abs(freq[3] - 0.0021) < 0.0012
     # the recorded log-prob is the drawn token's under the tempered softmax
-    recorded = sampler.logprobs()
-    assert recorded.shape == (40_000, 1)
-    torch.testing.assert_close(recorded[:, 0].exp(), expected[drawn], atol=1e-4, rtol=0)
+    assert recorded.shape == (40_000,)
+    torch.testing.assert_close(recorded.exp(), expected[drawn], atol=1e-4, rtol=0)
+    # a given uniform picks the first token whose cumulative probability exceeds it:
+    # cdf = [0.8650, 0.9821, 0.9979, 1.0, 1.0]
+    u = torch.tensor([0.0, 0.8649, 0.8651, 0.99, 0.9999])
+    tokens, _ = draw(logits[:5], 0.5, u)
+    assert tokens.tolist() == [0, 0, 1, 2, 3]
+    # bf16 logits are drawn from and scored in float32
+    _, lp16 = draw(logits[:5].bfloat16(), 0.5, u)
+    assert lp16.dtype == torch.float32
+    torch.testing.assert_close(lp16.exp(), expected[tokens], atol=1e-4, rtol=0)
 
 
 def test_generate_records_each_drawn_tokens_logprob(tok):
@@ -161,3 +165,69 @@ def test_generate_records_each_drawn_tokens_logprob(tok):
     # top-k truncation is transformers' sampler: no full-softmax log-probs to record
     truncated = generate(policy, tok, PROMPTS[:1], GenerationConfig(max_new_tokens=3, top_k=5), seed=5)
     assert truncated[0].logprobs is None
+
+
+def test_rows_that_end_leave_the_batch_and_the_others_sample_the_same(tok):
+    # The decoding loop drops a row from the batch (and from the dynamic KV cache) once it has
+    # emitted EOS. The rows left must go on exactly as they would have in the full batch: the
+    # same tokens and log-probs as a static cache (no dropping) and as every_step (the whole
+    # batch to the last step, as sharded weights need).
+    from alignkit.rollout import decode, row_uniforms
+
+    policy = load_causal_lm(ModelConfig(name="tiny:llama", seed=3), trainable=False, tokenizer=tok).eval()
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
+    attn = (ids != 0).long()
+    u = row_uniforms(4, [(0, i) for i in range(3)], 10)
+    free, _ = decode(policy, ids, attn, GenerationConfig(max_new_tokens=10), None, u)
+    eos = free[1, 2].item()  # row 1 ends at its third token
+    assert eos not in free[0, :9].tolist() + free[2, :9].tolist()  # the others run on
+    batch_sizes = []
+    policy.register_forward_pre_hook(lambda m, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+                                     with_kwargs=True)
+    runs = {}
+    for name, cache, every in (("dynamic", "dynamic", False), ("static", "static", False),
+                               ("every step", "dynamic", True)):
+        batch_sizes.clear()
+        runs[name] = decode(policy, ids, attn, GenerationConfig(max_new_tokens=10, cache=cache), eos, u,
+                            every_step=every)
+        runs[name + " sizes"] = list(batch_sizes)
+    assert runs["dynamic sizes"] == [3, 3, 3] + [2] * 7  # row 1 left after its EOS at step 3
+    assert runs["static sizes"] == runs["every step sizes"] == [3] * 10
+    for name in ("static", "every step"):
+        tokens, logprobs = runs[name]
+        for row, n in ((0, 10), (1, 3), (2, 10)):  # up to and including each row's end
+            assert torch.equal(tokens[row, :n], runs["dynamic"][0][row, :n]), name
+            torch.testing.assert_close(logprobs[row, :n], runs["dynamic"][1][row, :n], atol=1e-5, rtol=0)
+    # and before any row ended, the tokens are those sampled without an EOS at all
+    assert torch.equal(runs["dynamic"][0][:, :3], free[:, :3])
+
+
+def test_a_half_precision_sampler_follows_the_policy_and_reports_its_gap(tok):
+    from alignkit.rollout import sampler_mismatch, sampler_model
+
+    ac = _actor_critic(tok)
+    prompt_ids = [encode_prompt(tok, p) for p in PROMPTS]
+    ref = reference_forward(ac.policy)
+    gaps = {}
+    for dtype in ("auto", "bfloat16"):
+        gen = GenerationConfig(max_new_tokens=6, batch_size=8, dtype=dtype)
+        ro = ppo_rollout(ac, tok, prompt_ids, gen, reference=ref, n=2, forward_batch_size=6, seed=3)
+        gaps[dtype] = sampler_mismatch(ro)
+        # the trainer's log-probs are always the policy's own, in its precision
+        assert ro.logprobs.dtype == torch.float32 and ro.sampler_logprobs.shape == ro.logprobs.shape
+    # the same precision: the sampler's log-probs are the trainer's to float rounding
+    assert gaps["auto"]["sampler/logprob_gap"] < 1e-5 and abs(gaps["auto"]["sampler/kl"]) < 1e-6
+    # bfloat16 keeps 8 bits of mantissa: the gap shows, and stays small
+    assert 1e-4 < gaps["bfloat16"]["sampler/logprob_gap"] < 0.2
+    assert 0 <= gaps["bfloat16"]["sampler/kl"] < 0.05  # k3 = r - 1 - log r >= 0 per token
+    gen = GenerationConfig(max_new_tokens=6, batch_size=8, dtype="bfloat16")
+    twin = sampler_model(ac.policy, gen)
+    assert twin is not ac.policy and twin is sampler_model(ac.policy, gen)  # made once
+    assert next(twin.parameters()).dtype == torch.bfloat16 and next(ac.policy.parameters()).dtype == torch.float32
+    # the copy follows the policy's current weights: with the output layer at zero every token
+    # has probability 1/1024, so the sampler's log-probs are all -log(1024) = -6.9315
+    with torch.no_grad():
+        ac.policy.get_output_embeddings().weight.zero_()
+    ro = ppo_rollout(ac, tok, prompt_ids, gen, reference=ref, forward_batch_size=6, seed=3)
+    torch.testing.assert_close(ro.sampler_logprobs[ro.mask], torch.full((int(ro.mask.sum()),), -6.9315),
+                               atol=1e-4, rtol=0)

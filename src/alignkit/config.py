@@ -122,7 +122,11 @@ class GenerationConfig:
     batch_size: int = opt(16, ge=1)
     cache: str = opt("dynamic", choices=("dynamic", "static"),
                      help="the KV cache while sampling: static preallocates it, and on a GPU transformers then "
-                          "compiles the decoding step (several times faster per token after a first, slow, batch)")
+                          "compiles the decoding step (several times faster per token after a first, slow, batch; on a CPU no faster)")
+    dtype: str = opt("auto", choices=("auto", "bfloat16", "float16"),
+                     help="the precision the sampler runs in: auto is the model's own; bfloat16 samples from a "
+                          "half-precision copy of the weights (synced before each rollout), about twice as fast, "
+                          "and the rollout logs how far its log-probs are from the trainer's (sampler/*)")
 
 
 # --------------------------------------------------------------------------- loading

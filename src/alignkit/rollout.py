@@ -7,12 +7,15 @@ the full softmax, each token's log-probability under the distribution it was
 drawn from. Update code never samples; recipes call this (PPO adds log-probs
 on its own layout on top, see :func:`ppo_rollout`).
 
-Sampling from the full softmax goes through :class:`InverseCDFSampler`: one
-uniform draw per row against the cumulative distribution. transformers'
-``torch.multinomial`` draws an exponential variate for every vocabulary entry,
-~50 ms per step for 48 rows x 49k tokens on two CPU cores; the inverse CDF takes
-~4 ms (a SmolLM2 batch of 48 x 40 tokens samples ~9% faster) and hands back the
-drawn token's log-probability for free.
+Sampling runs alignkit's own decoding loop (:func:`decode`) over the model's
+forward and a transformers KV cache, not ``model.generate``: a row that has
+emitted EOS leaves the batch (with the dynamic cache, whose rows can be dropped),
+so a batch costs what its live rows cost, and each step draws straight from the
+tempered softmax by the inverse CDF: one uniform per row against the cumulative
+distribution, which hands back the drawn token's log-probability for free.
+transformers' sampler draws an exponential variate for every vocabulary entry and
+runs its logits processors over full-vocabulary copies: with SmolLM2's 49k
+vocabulary, a third of a decoding step on two CPU cores.
 
 Each sampled row draws its uniforms from its own stream, seeded by the call's seed
 and the row's identity (prompt index, sample index): what a prompt's k-th sample
@@ -24,12 +27,14 @@ the uninterrupted one did without restoring any device's RNG.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from alignkit.config import GenerationConfig
 from alignkit.data.collate import encode_prompt, pad
@@ -50,56 +55,26 @@ class Generation:
     logprobs: tuple[float, ...] | None = None
 
 
-# Generation settings that would change the sampling distribution away from
-# softmax(logits / temperature). They are pinned explicitly, because transformers
-# fills unset ones from the model's generation_config and its global defaults
-# (top_k=50 among them), and PPO's log-probs are those of the full softmax.
-_NEUTRAL_SAMPLING = dict(top_k=0, top_p=1.0, typical_p=1.0, min_p=None, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                         repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=None,
-                         bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
-                         forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None,
-                         exponential_decay_length_penalty=None, num_beams=1, num_return_sequences=1)
+def draw(logits: torch.Tensor, temperature: float, uniforms: torch.Tensor | None = None, warpers=()):
+    """One token per row from ``softmax(logits / temperature)``: ``(tokens (B,), log-probs (B,))``.
 
-
-class InverseCDFSampler(LogitsProcessor):
-    """Draws each next token from ``softmax(logits / temperature)`` and records its log-prob.
-
-    Used as the last logits processor of a *greedy* ``generate``: it returns
-    scores that are -inf everywhere except at the drawn token, so the argmax
-    is the sample. One uniform u per row picks the first token whose cumulative
-    probability exceeds u times the total (``right=True``: a token of
-    probability 0 is never drawn). ``uniforms`` ``(B, steps)`` gives row i's
-    draw at step t (:func:`row_uniforms`); without it they come from the global
-    torch generator of the scores' device. ``top_k`` / ``top_p`` truncate the
-    tempered distribution first (transformers' warpers). ``logprobs()`` is
-    ``(B, steps)``: column t is the log-prob of token t under the distribution
-    it was drawn from.
+    ``uniforms`` ``(B,)`` in [0, 1) pick, for row i, the first token whose
+    cumulative probability exceeds ``u_i`` times the total (``right=True``: a token
+    of probability 0 is never drawn); without them they come from the global torch
+    generator of the logits' device. ``warpers`` (transformers' top-k / top-p) truncate
+    the tempered distribution first. The log-prob is the drawn token's under the
+    distribution it was drawn from, computed in float32 whatever the logits' dtype.
     """
-
-    def __init__(self, temperature: float, uniforms: torch.Tensor | None = None, top_k: int = 0,
-                 top_p: float = 1.0):
-        self.temperature = temperature
-        self.uniforms = uniforms
-        self.warpers = ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
-        self._steps: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scaled = scores.float() / self.temperature
-        for warp in self.warpers:
-            scaled = warp(input_ids, scaled)
-        logp = torch.log_softmax(scaled, dim=-1)
-        cdf = logp.exp().cumsum(dim=-1)
-        if self.uniforms is not None:
-            t = len(self._steps)
-            u = self.uniforms[:, t:t + 1].to(cdf.device)
-        else:
-            u = torch.rand(scores.shape[0], 1, device=scores.device)
-        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.shape[-1] - 1)
-        self._steps.append(logp.gather(-1, token))
-        return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
-
-    def logprobs(self) -> torch.Tensor:
-        return torch.cat(self._steps, dim=-1).cpu() if self._steps else torch.zeros(0, 0)
+    z = logits.float() / temperature if temperature != 1 else logits.float()  # nothing below writes into z
+    for warp in warpers:
+        z = warp(None, z)
+    top = z.amax(-1, keepdim=True)
+    cdf = torch.sub(z, top).exp_().cumsum_(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(z.shape[0], 1, device=z.device) if uniforms is None else uniforms.to(z.device).view(-1, 1)
+    token = torch.searchsorted(cdf, u * total, right=True).clamp_(max=z.shape[-1] - 1)
+    logprob = z.gather(-1, token) - top - total.log()
+    return token[:, 0], logprob[:, 0]
 
 
 def row_uniforms(seed: int, keys: list[tuple[int, ...]], steps: int) -> torch.Tensor:
@@ -118,30 +93,135 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def sampling_kwargs(temperature: float, uniforms: torch.Tensor | None = None, top_k: int = 0,
-                    top_p: float = 1.0) -> tuple[dict, InverseCDFSampler]:
-    """``generate`` keyword arguments that sample from ``softmax(logits / temperature)`` (truncated to
-    ``top_k`` / ``top_p`` when set) through a fresh :class:`InverseCDFSampler` (returned, to read the
-    log-probs afterwards).
+_SAMPLER_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-    Every other setting that would reshape the distribution is pinned off:
-    transformers fills unset ones from the model's generation_config and its
-    global defaults.
+
+@torch.no_grad()
+def sampler_model(model, gen: GenerationConfig, engine=None):
+    """The model to sample from: ``model`` itself, or with ``gen.dtype`` set, a copy of it in that precision.
+
+    The copy is made once per model and its weights are copied in from ``model``
+    at every call (about a tenth of a second for 135M weights on two CPU cores),
+    so it always samples the current policy. Sampling from a half-precision copy
+    is what vLLM-backed trainers do; the rollout measures how far the copy's
+    log-probs are from the trainer's (:func:`sampler_mismatch`).
     """
-    sampler = InverseCDFSampler(temperature, uniforms, top_k, top_p)
-    kwargs = {**_NEUTRAL_SAMPLING, "do_sample": False, "temperature": None, "top_k": None, "top_p": None,
-              "logits_processor": LogitsProcessorList([sampler])}
-    return kwargs, sampler
+    if gen.dtype == "auto" or next(model.parameters()).dtype == getattr(torch, gen.dtype):
+        return model
+    if engine is not None and getattr(engine, "sharded", False):
+        from alignkit.errors import ConfigError
+
+        raise ConfigError("generation.dtype: a half-precision sampler copy needs whole weights on each process; "
+                          "with FSDP or DeepSpeed ZeRO-3 keep generation.dtype=auto")
+    dtype = getattr(torch, gen.dtype)
+    twin = _SAMPLER_COPIES.get(model)
+    if twin is None:
+        twin = _SAMPLER_COPIES[model] = copy.deepcopy(model).eval().requires_grad_(False)
+        for param in twin.parameters():  # the weights only: buffers (RoPE frequencies) stay as they are
+            param.data = param.data.to(dtype) if param.is_floating_point() else param.data
+    else:
+        for mine, theirs in zip(twin.parameters(), model.parameters()):
+            mine.copy_(theirs)
+    return twin
 
 
-class _StopWhenSet(StoppingCriteria):
-    """Ends generation at the next token once ``event`` is set (a server shutting down)."""
+def sampler_mismatch(rollout: "Rollout") -> dict[str, float]:
+    """How far the sampler's recorded log-probs are from the trainer's on the same tokens.
 
-    def __init__(self, event):
-        self.event = event
+    ``sampler/logprob_gap``: mean absolute difference per response token;
+    ``sampler/kl``: the k3 estimate of KL(sampler || trainer) per token
+    (``r - 1 - log r`` with ``r = p_trainer / p_sampler``, on the sampler's tokens).
+    Both are ~1e-6 when the sampler runs in the trainer's precision; a half-precision
+    sampler shows its rounding here.
+    """
+    if rollout.sampler_logprobs is None:
+        return {}
+    mask = rollout.mask
+    n = mask.sum().clamp(min=1)
+    delta = (rollout.logprobs - rollout.sampler_logprobs).masked_fill(~mask, 0)
+    k3 = (delta.exp() - 1 - delta).masked_fill(~mask, 0)
+    return {"sampler/logprob_gap": (delta.abs().sum() / n).item(), "sampler/kl": (k3.sum() / n).item()}
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model):
+    """``model``'s forward compiled for decoding steps of fixed shapes (a static cache), once per model.
+
+    CUDA graphs replay the whole step ("reduce-overhead"), as transformers' own
+    ``generate`` does with a static cache: a decoding step is mostly launch overhead
+    for a model of this size.
+    """
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, mode="reduce-overhead", dynamic=False)
+    return _COMPILED[model]
+
+
+@torch.no_grad()
+def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig, eos: int | None,
+           uniforms: torch.Tensor | None = None, every_step: bool = False, max_time: float | None = None,
+           stop=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample up to ``gen.max_new_tokens`` tokens after left-padded ``ids``: ``(tokens, log-probs)``, both
+    ``(B, steps run)``.
+
+    Greedy when ``gen.do_sample`` is off, else :func:`draw` with row i's uniform
+    for step t at ``uniforms[i, t]``. A row is done at its EOS; what follows it in
+    ``tokens`` is filler. Once every row is done the loop ends, and with the dynamic
+    cache done rows leave the batch, so the cost follows the live rows.
+    ``every_step`` runs all steps on the whole batch (processes whose sharded
+    weights gather in each forward must all run the same forwards). ``max_time``
+    (seconds) and ``stop`` (an event) end it early: the columns are then the steps
+    run so far.
+    """
+    import time
+
+    from transformers import DynamicCache, StaticCache
+
+    B, P = ids.shape
+    steps, device = gen.max_new_tokens, ids.device
+    warpers = ([TopKLogitsWarper(gen.top_k)] if gen.top_k else []) + ([TopPLogitsWarper(gen.top_p)]
+                                                                      if gen.top_p < 1 else [])
+    static = gen.cache == "static"
+    cache = StaticCache(config=model.config, max_cache_len=P + steps) if static else DynamicCache(config=model.config)
+    mask = torch.zeros(B, P + steps, dtype=attention.dtype, device=device)
+    mask[:, :P] = attention
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    tokens = torch.zeros(B, steps, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, steps, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # which input row each live row is
+    inputs, width, ran = ids, P, 0
+    deadline = None if max_time is None else time.monotonic() + max_time
+    # on a CPU the compiled step is no faster (measured) and compiling takes most of a minute
+    step = compiled_step(model) if static and device.type == "cuda" else model
+    for t in range(steps):
+        # a static cache takes the whole-width mask: every decoding step has the same shapes
+        logits = (step if t else model)(input_ids=inputs, attention_mask=mask if static else mask[:, :width],
+                                        position_ids=positions, cache=cache, use_cache=True,
+                                        logits_to_keep=1).logits[:, -1]
+        if gen.do_sample:
+            token, logprob = draw(logits, gen.temperature, None if uniforms is None else uniforms[rows.cpu(), t],
+                                  warpers)
+            logprobs[rows, t] = logprob
+        else:
+            token = logits.argmax(-1)
+        tokens[rows, t] = token
+        ran = t + 1
+        if (deadline is not None and time.monotonic() > deadline) or (stop is not None and stop.is_set()):
+            break
+        if eos is not None and not every_step:
+            done[rows] |= token == eos
+            live = ~done[rows]
+            if not live.any():
+                break
+            if not static and not live.all():
+                keep = live.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                rows, token, mask, positions = rows[keep], token[keep], mask[keep], positions[keep]
+        mask[:, width] = 1
+        inputs, positions, width = token[:, None], positions[:, -1:] + 1, width + 1
+    return tokens[:, :ran], logprobs[:, :ran]
 
 
 def _sample(model, tokenizer, seqs: list[list[int]], keys: list[tuple[int, ...]], gen: GenerationConfig,
@@ -156,27 +236,12 @@ def _sample(model, tokenizer, seqs: list[list[int]], keys: list[tuple[int, ...]]
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     ids = pad(seqs, pad_id, side="left").to(device)
     attn = pad([[1] * len(s) for s in seqs], 0, side="left").to(device)
-    kwargs = dict(max_new_tokens=gen.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
-    if synced:
-        kwargs["synced_gpus"] = True
-    if gen.cache == "static":
-        kwargs["cache_implementation"] = "static"
-    if max_time is not None:
-        kwargs["max_time"] = max_time
-    if stop is not None:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(stop)])
-    sampler = None
-    if gen.do_sample:
-        extra, sampler = sampling_kwargs(gen.temperature, row_uniforms(seed, keys, gen.max_new_tokens),
-                                         gen.top_k, gen.top_p)
-        kwargs.update(extra)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
-    responses = [trim_response(row, eos, pad_id) for row in out[:, ids.shape[1]:].tolist()]
+    uniforms = row_uniforms(seed, keys, gen.max_new_tokens) if gen.do_sample else None
+    tokens, logprobs = decode(model, ids, attn, gen, eos, uniforms, every_step=synced, max_time=max_time, stop=stop)
+    responses = [trim_response(row, eos, pad_id) for row in tokens.tolist()]
     # Log-probs of the full softmax only: under truncation they belong to another distribution.
     full = gen.do_sample and gen.top_k == 0 and gen.top_p >= 1
-    logprobs = sampler.logprobs().tolist() if full else None
+    logprobs = logprobs.cpu().tolist() if full else None
     return responses, logprobs
 
 
@@ -206,10 +271,11 @@ def generate(model, tokenizer, prompts: list[Messages], gen: GenerationConfig, n
     order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][0]]))
     results: dict[int, Generation] = {}
     eos = tokenizer.eos_token_id
-    with engine.for_generation(model) as sampler_model, engine.autocast():
+    with engine.for_generation(model) as inner, engine.autocast():
+        sampler = sampler_model(inner, gen, engine)
         for start in range(0, len(order), gen.batch_size):
             chunk = order[start:start + gen.batch_size]
-            responses, logprobs = _sample(sampler_model, tokenizer, [encoded[jobs[j][0]] for j in chunk],
+            responses, logprobs = _sample(sampler, tokenizer, [encoded[jobs[j][0]] for j in chunk],
                                           [jobs[j] for j in chunk], gen, seed, engine.synced_generation,
                                           max_time, stop)
             for row, (j, resp) in enumerate(zip(chunk, responses)):
@@ -282,6 +348,9 @@ class Rollout:
     prompt_index: torch.Tensor  # (N,) long: which input prompt each row answers
     texts: tuple[str, ...]  # decoded responses, special tokens removed
     temperature: float
+    # (N, R) the sampler's own log-probs of the tokens it drew (a half-precision sampler's differ
+    # from `logprobs`); only measured, see sampler_mismatch
+    sampler_logprobs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.responses.shape[0]
@@ -345,8 +414,8 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
             ``actor_critic(ids, attention, positions, logits_to_keep) -> (logits, values)``;
             without a critic the rollout's values are 0 (GRPO, RLOO, ...).
         prompt_ids: token ids of the rendered prompts (all processes' prompts).
-        gen: sampling settings; only ``temperature``, ``max_new_tokens`` and
-            ``batch_size`` are used: sampling is always from the full softmax.
+        gen: sampling settings; sampling is always from the full softmax (top-k and
+            top-p are ignored).
         reference: ``reference(ids, attention, positions, logits_to_keep) -> (logits, None)``,
             the frozen reference (with LoRA: the policy with its adapter off).
         n: samples per prompt.
@@ -370,20 +439,24 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     my_prompts = set(engine.shard(list(range(len(prompt_ids)))))
     mine = [j for j, (p, _) in enumerate(jobs) if p in my_prompts]
 
-    # 1. sample this process's share: left padding + KV cache, in prompt order
-    # The sampler's recorded log-probs are not used: they come from the cached, left-padded
-    # generation (~1e-5 off), and the update's ratio must start at exactly 1 on this layout.
+    # 1. sample this process's share: left padding + KV cache, in prompt order. The sampler's
+    # recorded log-probs are kept to measure the sampler against the trainer only: they come
+    # from the cached, left-padded generation (~1e-6 off in the same precision, more from a
+    # half-precision sampler), and the update's ratio must start at exactly 1 on this layout.
     responses: list[list[int]] = []
-    gen = GenerationConfig(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, batch_size=gen.batch_size)
-    # in the precision the policy trains in (mixed precision autocasts the forwards)
+    sampled: list[list[float]] = []
+    gen = dataclasses.replace(gen, do_sample=True, top_k=0, top_p=1.0)
+    # in the precision the policy trains in (mixed precision autocasts the forwards), or gen.dtype's
     with engine.for_generation(actor_critic) as inner, engine.autocast():
+        sampler = sampler_model(inner.policy, gen, engine)
         for start in range(0, len(mine), gen.batch_size):
             chunk = [jobs[j] for j in mine[start:start + gen.batch_size]]
-            out, _ = _sample(inner.policy, tokenizer, [prompt_ids[p] for p, _ in chunk], chunk, gen, seed,
-                             engine.synced_generation)
+            out, lps = _sample(sampler, tokenizer, [prompt_ids[p] for p, _ in chunk], chunk, gen, seed,
+                               engine.synced_generation)
             responses += out
-    responses = engine.gather(responses)
-
+            sampled += [lp[:len(r)] for r, lp in zip(out, lps)]
+    pairs = engine.gather(list(zip(responses, sampled)))
+    responses, sampled = [r for r, _ in pairs], [lp for _, lp in pairs]
     # 2. one layout for everything that follows (rollout scoring and update), the same on every process
     ids, attn, pos, resp, mask, P = layout([prompt_ids[p] for p, _ in jobs], responses, pad_id)
 
@@ -405,8 +478,11 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     zero = torch.zeros(())
     logprobs, ref_logprobs, values = (torch.where(mask, x, zero) for x in (logprobs, ref_logprobs, values))
 
+    sampler_logprobs = torch.zeros(resp.shape)
+    for i, lp in enumerate(sampled):
+        sampler_logprobs[i, :len(lp)] = torch.tensor(lp)
     finished = torch.tensor([bool(r) and r[-1] == eos for r in responses])
     texts = tuple(tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses)
     actor_critic.train(was_training)
     return Rollout(ids, attn, pos, P, resp, mask, logprobs, ref_logprobs, values, finished,
-                   torch.tensor([p for p, _ in jobs], dtype=torch.long), texts, gen.temperature)
+                   torch.tensor([p for p, _ in jobs], dtype=torch.long), texts, gen.temperature, sampler_logprobs)

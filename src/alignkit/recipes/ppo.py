@@ -58,7 +58,7 @@ from alignkit.models import is_peft, load_causal_lm, load_sequence_scorer, load_
 from alignkit.rewards import build_reward
 from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metrics, memory_metrics, prompt_batch,
                              rollout_samples, run_steps, score_rollout)
-from alignkit.rollout import Rollout, forward_responses, ppo_rollout
+from alignkit.rollout import Rollout, forward_responses, ppo_rollout, sampler_mismatch
 from alignkit.runs import RunDir
 from alignkit import training
 from alignkit.training import Engine, build_scheduler
@@ -355,6 +355,7 @@ def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict
         "no_eos_share": 1.0 - rollout.finished.float().mean().item(),
         "value_mean": masked_mean(rollout.values, mask).item(),
         "tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
+        **sampler_mismatch(rollout),
         **memory_metrics(),
         "lr": lr,
         "time/rollout": t1 - t0,

@@ -63,7 +63,7 @@ from alignkit.models import load_causal_lm, load_tokenizer, model_context
 from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metrics, memory_metrics, prompt_batch,
                              rollout_samples, run_steps, score_rollout)
 from alignkit.rewards import build_reward
-from alignkit.rollout import Rollout, forward_responses, ppo_rollout
+from alignkit.rollout import Rollout, forward_responses, ppo_rollout, sampler_mismatch
 from alignkit.runs import RunDir
 from alignkit.training import Engine, build_optimizer, build_scheduler, trainable_parameters
 
@@ -410,6 +410,7 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
         "response_length": rollout.lengths.float().mean().item(),
         "no_eos_share": 1.0 - rollout.finished.float().mean().item(),
         "tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
+        **sampler_mismatch(rollout),
         **memory_metrics(),
         "lr": lr,
         "time/rollout": t1 - t0,
