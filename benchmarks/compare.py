@@ -252,21 +252,85 @@ def launch(side: str, part: str, pairs: Path, steps: int) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- utilisation
+
+
+def matmul_peak() -> float:
+    """The machine's fp32 matmul rate in FLOP/s: the best of 2048 x 2048 products, timed here."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / 5)
+    return 2 * 2048 ** 3 / best
+
+
+def step_shape(part: str, pairs: Path, steps: int) -> tuple[int, float]:
+    """``(rows, mean padded length)`` of a training step: both answers of each pair, prompt + answer cut at
+    ``MAX_LENGTH`` tokens, padded to the longest row of the step."""
+    from alignkit.data.collate import encode_prompt, encode_response
+    from alignkit.models import load_tokenizer
+
+    model, _, batch = SETTINGS[part]
+    tok = load_tokenizer(model)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    widths = []
+    for k in range(0, min(len(rows), batch * steps), batch):
+        lengths = [min(MAX_LENGTH, len(encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]))
+                       + len(encode_response(tok, r[side])))
+                   for r in rows[k:k + batch] for side in ("chosen", "rejected")]
+        widths.append(max(lengths))
+    return 2 * batch, statistics.mean(widths)
+
+
+def step_flops(part: str, pairs: Path, steps: int) -> float:
+    """The FLOPs a step needs, counted by torch's FlopCounterMode: the trained model's forward and backward
+    over the step's rows at their mean padded length, as alignkit loads it (LoRA included). A DPO
+    step's reference log-probs are not counted: they can be computed once (alignkit does)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from alignkit.config import LoraConfig, ModelConfig
+    from alignkit.models import load_causal_lm, load_sequence_scorer, load_tokenizer
+
+    model_name, lora, _ = SETTINGS[part]
+    rows, width = step_shape(part, pairs, steps)
+    cfg = ModelConfig(name=model_name, lora=LoraConfig(enabled=lora, r=LORA_R, alpha=LORA_ALPHA))
+    tok = load_tokenizer(model_name)
+    model = (load_causal_lm if part == "dpo" else load_sequence_scorer)(cfg, tokenizer=tok)
+    ids = torch.randint(5, 1000, (rows, round(width)))
+    with FlopCounterMode(display=False) as counter:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        out.logits.float().mean().backward()
+    return counter.get_total_flops()
+
+
 # --------------------------------------------------------------------------- the table
 
 
-def training_part(part: str, steps: int, tmp: Path) -> str:
+def training_part(part: str, steps: int, tmp: Path, peak: float) -> str:
     pairs = tmp / f"{part}.jsonl"
     write_pairs(pairs, SETTINGS[part][2] * steps)  # one epoch: the reference cache covers what is trained
     # (grpo reads prompts, not pairs)
     res = {side: launch(side, part, pairs, steps) for side in ("alignkit", "trl")}
     med = {s: statistics.median(r["step_s"]) for s, r in res.items()}
     model, lora, batch = SETTINGS[part]
+    use = ""
+    if part != "grpo":  # a GRPO step is mostly sampling, which is bound by memory, not matmul
+        flops = step_flops(part, pairs, steps)
+        use = (f"  {flops / 1e9:5.0f} GFLOP/step, {flops / med['alignkit'] / peak:4.0%} vs "
+               f"{flops / med['trl'] / peak:4.0%} of matmul peak")
     return (f"{part:<11} {model.removeprefix('builtin:'):<24} {'LoRA' if lora else 'full':<5} batch {batch}  "
             f"s/step {med['alignkit']:6.3f} vs {med['trl']:6.3f}  x{med['trl'] / med['alignkit']:4.2f} faster  "
             f"run {res['alignkit']['run_s']:6.1f} vs {res['trl']['run_s']:6.1f} s  "
             f"peak {res['alignkit']['peak_mib']:6.0f} vs {res['trl']['peak_mib']:6.0f} MiB "
-            f"(x{res['alignkit']['peak_mib'] / res['trl']['peak_mib']:.2f})")
+            f"(x{res['alignkit']['peak_mib'] / res['trl']['peak_mib']:.2f}){use}")
 
 
 def main() -> int:
@@ -285,12 +349,13 @@ def main() -> int:
     if any(part in SETTINGS for part in parts) and importlib.util.find_spec("trl") is None:
         raise SystemExit("compare: TRL is not installed; pip install -e '.[bench]'")
     lines = []
+    peak = matmul_peak()
     with tempfile.TemporaryDirectory() as tmp:
         for part in parts:
             if part in SETTINGS:
                 print(f"running {part} ...", flush=True)
                 try:
-                    lines.append(training_part(part, args.steps, Path(tmp)))
+                    lines.append(training_part(part, args.steps, Path(tmp), peak))
                 except RuntimeError as e:
                     lines.append(f"{part:<11} FAILED: {e}")
                 print(lines[-1], flush=True)
@@ -303,7 +368,7 @@ def main() -> int:
             else:
                 raise SystemExit(f"compare: unknown part {part!r}")
     print(f"\nalignkit vs TRL, fp32, {args.steps} steps per side; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {os.getloadavg()[0]:.1f}; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     print("\n".join(lines))
     return 0
 

@@ -234,3 +234,38 @@ def test_inconsistent_configs_are_one_line_errors(tmp_path, capsys, override, me
     assert cli.main(["rl", "--config", str(TINY), f"run.output_dir={tmp_path}", *override.split()]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_a_single_step_update_needs_no_policy_forward_in_the_rollout(tmp_path, algorithm, monkeypatch):
+    # One optimizer step on the whole rollout (epochs 1, minibatch = prompts x G): the old
+    # log-probs are the update's own forward, detached, so the rollout skips the policy's
+    # scoring forward. The update must be the one a scored rollout gives (the sampler's
+    # log-probs, used for the KL, are the policy's to float rounding).
+    overrides = [f"run.output_dir={tmp_path}", f"rl.algorithm={algorithm}", "reward.spec=rule:length:4",
+                 "rl.epochs=1", "rl.minibatch_size=32", "rl.kl_coef=0.1"]
+    cfg = load_config(rl.Config, TINY, overrides)
+    assert rl.single_step(cfg)
+    assert not rl.single_step(load_config(rl.Config, TINY, overrides + ["rl.minibatch_size=16"]))
+    assert not rl.single_step(load_config(rl.Config, TINY, overrides + ["generation.dtype=bfloat16"]))
+    weights, logs = {}, {}
+    for skip in (True, False):
+        monkeypatch.setattr(rl, "single_step", lambda c, skip=skip: skip)
+        engine = Engine(seed=0)
+        setup = rl.build(cfg, engine)
+        calls = []
+        hook = setup.model.register_forward_pre_hook(lambda *a: calls.append(1))
+        logs[skip], records = rl.rl_step(1, cfg, setup, engine)
+        hook.remove()
+        # the update runs the policy once (one micro-batch of 32 rows); a scored rollout once more
+        # (one forward batch of 32 rows); sampling and the frozen reference do not call it
+        logs[skip]["policy_forwards"] = len(calls)
+        weights[skip] = {k: v.clone() for k, v in setup.model.state_dict().items()}
+        assert records[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert logs[True]["policy_forwards"] == logs[False]["policy_forwards"] - 1
+    assert logs[True]["kl"] == pytest.approx(logs[False]["kl"], abs=1e-5)
+    # RLOO puts the KL in the reward, so the two runs' advantages differ by ~1e-7; Adam divides
+    # near-zero gradients by their own size, which lifts that to ~5e-5 on a few weights. An
+    # update taken from another policy would move weights by the learning rate, 1e-2.
+    for k in weights[True]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-4, rtol=0)

@@ -405,7 +405,7 @@ def forward_responses(actor_critic, query_responses, attention_mask, position_id
 @torch.no_grad()
 def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: GenerationConfig, *,
                 reference, n: int = 1, forward_batch_size: int = 8, seed: int | None = None,
-                engine=None) -> Rollout:
+                engine=None, score_policy: bool = True) -> Rollout:
     """Sample ``n`` responses per prompt and score every sampled token for PPO.
 
     Args:
@@ -426,6 +426,10 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
         engine: with several processes each samples and scores its contiguous
             share of the prompts, and every process gets the whole rollout, laid
             out exactly as one process would lay it out.
+        score_policy: False skips the policy's scoring forward: ``logprobs`` are then the
+            sampler's own (``sampler_logprobs`` None) and ``values`` 0. For an update that
+            takes a single optimizer step on the whole rollout: its old log-probs are its
+            own forward's, detached, so the policy forward here would be thrown away.
     """
     from alignkit.training import SingleProcess
 
@@ -462,14 +466,20 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
 
     # 3. score this process's rows: policy log-probs and values in one forward,
     #    reference log-probs on the same rows with the same shapes
+    sampler_logprobs = torch.zeros(resp.shape)
+    for i, lp in enumerate(sampled):
+        sampler_logprobs[i, :len(lp)] = torch.tensor(lp)
     scorer = engine.unwrap(actor_critic)
     device = next(scorer.parameters()).device
     rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(mine), forward_batch_size):
         sel = torch.tensor(mine[start:start + forward_batch_size])
         batch = (ids[sel].to(device), attn[sel].to(device), pos[sel].to(device), resp[sel].to(device))
-        lp, v, _ = forward_responses(scorer, *batch, gen.temperature)
         ref_lp, _, _ = forward_responses(reference, *batch, gen.temperature)
+        if score_policy:
+            lp, v, _ = forward_responses(scorer, *batch, gen.temperature)
+        else:
+            lp, v = sampler_logprobs[sel], None
         v = torch.zeros_like(lp) if v is None else v  # a critic-free policy: values are 0
         rows += list(zip(lp.float().cpu(), ref_lp.float().cpu(), v.float().cpu()))
     rows = engine.gather(rows)
@@ -478,11 +488,9 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     zero = torch.zeros(())
     logprobs, ref_logprobs, values = (torch.where(mask, x, zero) for x in (logprobs, ref_logprobs, values))
 
-    sampler_logprobs = torch.zeros(resp.shape)
-    for i, lp in enumerate(sampled):
-        sampler_logprobs[i, :len(lp)] = torch.tensor(lp)
     finished = torch.tensor([bool(r) and r[-1] == eos for r in responses])
     texts = tuple(tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses)
     actor_critic.train(was_training)
     return Rollout(ids, attn, pos, P, resp, mask, logprobs, ref_logprobs, values, finished,
-                   torch.tensor([p for p, _ in jobs], dtype=torch.long), texts, gen.temperature, sampler_logprobs)
+                   torch.tensor([p for p, _ in jobs], dtype=torch.long), texts, gen.temperature,
+                   sampler_logprobs if score_policy else None)

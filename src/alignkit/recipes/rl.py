@@ -12,7 +12,9 @@ PPO and work with any reward alignkit has: reward models, classifiers, LLM judge
 rules and Python functions (verifiable rewards). One iteration:
 
 1. rollout: ``rl.samples_per_prompt`` (G) answers per prompt from the current policy
-   (:func:`alignkit.rollout.ppo_rollout`, no critic): log-probs and the reference's;
+   (:func:`alignkit.rollout.ppo_rollout`, no critic): log-probs and the reference's
+   (the sampler's own log-probs when each rollout is trained with a single optimizer
+   step, :func:`single_step`: the update's forward is then the old policy's);
 2. score: the reward (``reward.spec``); a response without EOS gets
    ``reward.no_eos_penalty`` instead, when set;
 3. advantages, by ``rl.algorithm`` (the math is in :mod:`alignkit.advantages`):
@@ -215,6 +217,18 @@ def _forward(model, rollout: Rollout, rows: torch.Tensor, device):
                              rollout.temperature)
 
 
+def single_step(cfg: Config) -> bool:
+    """Whether each rollout is trained with one optimizer step on all of it, sampled in the policy's precision.
+
+    Then the policy the update starts from is the one that sampled, its old
+    log-probs are its own forward's (detached: the ratio is exactly 1, as in
+    GRPO with mu = 1), and the rollout's policy forward can be skipped.
+    """
+    r = cfg.rl
+    return (r.algorithm != "online_dpo" and r.epochs == 1 and cfg.generation.dtype == "auto"
+            and r.minibatch_size == r.prompts_per_step * r.samples_per_prompt)
+
+
 def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[int], optimizer, scheduler,
                   cfg: Config, generator: torch.Generator, engine: Engine, step: int) -> list[dict]:
     """``rl.epochs`` passes of the clipped surrogate over shuffled minibatches of ``rows``.
@@ -240,8 +254,9 @@ def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[
                 mask = rollout.mask[idx].to(device)
                 logprobs, _, logits = _forward(model, rollout, idx, device)
                 weights = aggregation_weights(mask, r.aggregation, n_seq, n_tok, cfg.generation.max_new_tokens)
-                loss, m = clipped_policy_loss(logprobs, rollout.logprobs[idx].to(device), advantages[idx].to(device),
-                                              mask, r.clip_eps_low, r.clip_eps_high, weights)
+                old = logprobs.detach() if single_step(cfg) else rollout.logprobs[idx].to(device)
+                loss, m = clipped_policy_loss(logprobs, old, advantages[idx].to(device), mask, r.clip_eps_low,
+                                              r.clip_eps_high, weights)
                 if r.algorithm == "grpo" and r.kl_in == "loss" and r.kl_coef > 0:
                     kl_term, km = kl_loss(logprobs, rollout.ref_logprobs[idx].to(device), mask, weights)
                     loss = loss + r.kl_coef * kl_term
@@ -367,7 +382,7 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
     rollout = ppo_rollout(setup.model, setup.tok, [setup.prompt_ids[i] for i in idx], cfg.generation,
                           reference=setup.reference, n=r.samples_per_prompt,
                           forward_batch_size=r.minibatch_size // cfg.train.grad_accum,
-                          seed=cfg.run.seed * 1_000_003 + step, engine=engine)
+                          seed=cfg.run.seed * 1_000_003 + step, engine=engine, score_policy=not single_step(cfg))
     t1 = time.perf_counter()
 
     # 2. score
