@@ -200,3 +200,32 @@ def test_shipped_dpo_configs_load():
     for path in paths:
         cfg = load_config(Config, path)
         assert cfg.loss.type in ("dpo", "ipo", "simpo", "kto")
+
+
+def test_sequence_logps_in_length_sorted_chunks_equal_one_padded_batch(monkeypatch):
+    # Chunks padded to their own longest row give each sequence the log-prob one batch padded
+    # to the longest of all gives, back in example order, with gradients to the same weights.
+    from alignkit.config import ModelConfig
+    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.recipes import dpo as recipe
+
+    tok = load_tokenizer("tiny:llama")
+    cfg = load_config(recipe.Config, TINY, ["data.eval_fraction=0"])
+    examples, _ = recipe.load_examples(cfg, tok)
+    examples = examples[:5]
+    assert len({len(e.a.input_ids) for e in examples} | {len(e.b.input_ids) for e in examples}) > 2
+    model = load_causal_lm(ModelConfig(name="tiny:llama", seed=1), tokenizer=tok)
+    results = {}
+    for chunk in (100, 3):
+        monkeypatch.setattr(recipe, "FORWARD_CHUNK", chunk)
+        model.zero_grad()
+        out = recipe.sequence_logps(model, examples, tok.pad_token_id)
+        (out.a.sum() - 2 * out.b.sum()).backward()
+        results[chunk] = (out, model.model.embed_tokens.weight.grad.clone())
+    whole, chunked = results[100][0], results[3][0]
+    for key in ("a", "b", "len_a", "len_b"):
+        torch.testing.assert_close(getattr(chunked, key), getattr(whole, key), atol=1e-5, rtol=1e-6)  # sums ~300
+    torch.testing.assert_close(results[3][1], results[100][1], atol=1e-5, rtol=1e-4)
+    # and they are each sequence's own: example 0's a-side scored alone
+    alone = recipe.sequence_logps(model, examples[:1], tok.pad_token_id)
+    torch.testing.assert_close(alone.a, whole.a[:1], atol=1e-5, rtol=1e-6)

@@ -119,6 +119,20 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
 
 
+def length_chunks(lengths: list[int], size: int) -> list[list[int]]:
+    """Positions of ``lengths``, shortest first, in chunks of at most ``size``.
+
+    Each chunk is padded to its own longest row only: on preference data a batch
+    padded to its longest row is ~25-30% padding, which the forward and backward
+    pay for in full.
+
+    >>> length_chunks([5, 9, 2, 7], 2)
+    [[2, 0], [3, 1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[k:k + size] for k in range(0, len(order), size)]
+
+
 def collate(encoded: list[Encoded], pad_id: int) -> Batch:
     ids = pad([e.input_ids for e in encoded], pad_id)
     attn = pad([[1] * len(e.input_ids) for e in encoded], 0).bool()

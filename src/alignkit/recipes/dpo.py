@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, opt, to_dict
-from alignkit.data.collate import Encoded, collate, encode_example, encode_prompt, encode_response, shift_for_lm
+from alignkit.data.collate import (Encoded, collate, encode_example, encode_prompt, encode_response, length_chunks,
+                                   shift_for_lm)
 from alignkit.data.formats import (KTOExample, PreferencePair, detect_file_format, load_kto, load_preferences,
                                    parse_preference, parse_ranking, ranking_to_pairs)
 from alignkit.errors import AlignkitError, DataError
@@ -55,6 +56,10 @@ from alignkit.training import (Engine, SingleProcess, build_optimizer, build_sch
 
 STAGE = "dpo"
 REF_CACHE = "ref_logps.safetensors"
+# sequences per forward pass inside a micro-batch, length-sorted (see sequence_logps): with SmolLM2
+# and LoRA, batch 4 pairs, a forward + backward takes 2.87 s in one chunk of 8, 2.44 s in chunks of
+# 4 and 2.68 s in chunks of 2 (2 CPU cores)
+FORWARD_CHUNK = 4
 
 
 # --------------------------------------------------------------------------- config
@@ -242,18 +247,23 @@ class SequenceLogps:
 
 
 def sequence_logps(model, examples: list[Example], pad_id: int, average: bool = False) -> SequenceLogps:
-    """Log-probs summed over response tokens only; a and b in one concatenated batch.
+    """Log-probs summed over response tokens only, of both sides of every example.
 
-    One forward over ``[a_0..a_B, b_0..b_B]`` instead of two: half the kernel
-    launches, and both halves see identical weights (matters with dropout or
-    batch-dependent layers).
+    The ``2B`` sequences go through the model shortest first, in chunks of
+    ``FORWARD_CHUNK`` each padded to its own longest (:func:`length_chunks`), not
+    as one batch padded to the longest of all; the log-probs are the same.
     """
     device = next(model.parameters()).device
-    batch = collate([e.a for e in examples] + [e.b for e in examples], pad_id).to(device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    labels, mask = shift_for_lm(batch.input_ids, batch.response_mask)
-    logps = sequence_logprobs(token_logprobs(logits[:, :-1], labels), mask, average=average)
-    lengths = mask.sum(-1)
+    seqs = [e.a for e in examples] + [e.b for e in examples]
+    logps, lengths = torch.zeros(len(seqs), device=device), torch.zeros(len(seqs), dtype=torch.long, device=device)
+    for rows in length_chunks([len(s.input_ids) for s in seqs], FORWARD_CHUNK):
+        batch = collate([seqs[i] for i in rows], pad_id).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        labels, mask = shift_for_lm(batch.input_ids, batch.response_mask)
+        at = torch.tensor(rows, device=device)
+        logps = logps.index_put((at,), sequence_logprobs(token_logprobs(logits[:, :-1], labels), mask,
+                                                          average=average).to(logps.dtype))
+        lengths[at] = mask.sum(-1)
     n = len(examples)
     return SequenceLogps(logps[:n], logps[n:], lengths[:n], lengths[n:])
 
