@@ -233,14 +233,19 @@ def child(side: str, part: str, pairs: Path, steps: int) -> None:
     from alignkit.models import quiet_transformers
 
     quiet_transformers()
-    with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
-        result = (run_alignkit if side == "alignkit" else run_trl)(part, pairs, steps, Path(out))
-        result["run_s"] = time.perf_counter() - t0
+    if side == "flops":
+        result = {"flops": step_flops(part, pairs, steps) if part else 0.0, "peak": matmul_peak()}
+    else:
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            result = (run_alignkit if side == "alignkit" else run_trl)(part, pairs, steps, Path(out))
+            result["run_s"] = time.perf_counter() - t0
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def launch(side: str, part: str, pairs: Path, steps: int) -> dict:
+    """Run one side (or the FLOP count) in a child process: this process stays small, so that a
+    child's peak resident set, which starts from what it inherits, is its own."""
     cmd = [sys.executable, __file__, "--side", side, "--part", part, "--pairs", str(pairs), "--steps", str(steps)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
@@ -323,7 +328,7 @@ def training_part(part: str, steps: int, tmp: Path, peak: float) -> str:
     model, lora, batch = SETTINGS[part]
     use = ""
     if part != "grpo":  # a GRPO step is mostly sampling, which is bound by memory, not matmul
-        flops = step_flops(part, pairs, steps)
+        flops = launch("flops", part, pairs, steps)["flops"]
         use = (f"  {flops / 1e9:5.0f} GFLOP/step, {flops / med['alignkit'] / peak:4.0%} vs "
                f"{flops / med['trl'] / peak:4.0%} of matmul peak")
     return (f"{part:<11} {model.removeprefix('builtin:'):<24} {'LoRA' if lora else 'full':<5} batch {batch}  "
@@ -337,8 +342,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="dpo,rm-minilm,rm-smollm2,grpo,generation")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per side (the first is warm-up)")
-    p.add_argument("--batches", default="8,32", help="generation: batch sizes")
-    p.add_argument("--side", choices=("alignkit", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--batches", default="8,32,64", help="generation: batch sizes")
+    p.add_argument("--side", choices=("alignkit", "trl", "flops"), help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -349,7 +354,7 @@ def main() -> int:
     if any(part in SETTINGS for part in parts) and importlib.util.find_spec("trl") is None:
         raise SystemExit("compare: TRL is not installed; pip install -e '.[bench]'")
     lines = []
-    peak = matmul_peak()
+    peak = launch("flops", "", Path(), 0)["peak"]
     with tempfile.TemporaryDirectory() as tmp:
         for part in parts:
             if part in SETTINGS:
@@ -361,10 +366,11 @@ def main() -> int:
                 print(lines[-1], flush=True)
             elif part == "generation":
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-                done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--model",
-                                       "tiny:llama-30x576", "--batches", args.batches, "--new-tokens", "64"],
+                done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--smollm2-shape",
+                                       "--batches", args.batches, "--new-tokens", "64", "--dtypes",
+                                       "float32,bfloat16", "--repeats", "2"],
                                       env=env, capture_output=True, text=True)
-                lines.append("generation (alignkit sampler vs plain generate, tiny:llama-30x576):\n" + done.stdout.strip())
+                lines.append("generation (alignkit sampler vs plain generate):\n" + done.stdout.strip())
             else:
                 raise SystemExit(f"compare: unknown part {part!r}")
     print(f"\nalignkit vs TRL, fp32, {args.steps} steps per side; {os.cpu_count()} CPUs, "

@@ -187,7 +187,10 @@ def test_the_first_update_starts_from_the_rollout_policy(tmp_path, algorithm):
         assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert records[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     else:
-        assert records[0]["ratio_mean"] == 1.0 and records[0]["ratio_max"] == 1.0 and records[0]["approx_kl"] == 0.0
+        # to float rounding: the update's micro-batches hold other rows than the rollout's forward
+        # batches, and each forward drops the columns all its rows pad
+        assert records[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert records[0]["ratio_max"] == pytest.approx(1.0, abs=1e-5) and abs(records[0]["approx_kl"]) < 1e-12
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
@@ -236,7 +239,7 @@ def test_inconsistent_configs_are_one_line_errors(tmp_path, capsys, override, me
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["grpo"])
 def test_a_single_step_update_needs_no_policy_forward_in_the_rollout(tmp_path, algorithm, monkeypatch):
     # One optimizer step on the whole rollout (epochs 1, minibatch = prompts x G): the old
     # log-probs are the update's own forward, detached, so the rollout skips the policy's
@@ -248,6 +251,9 @@ def test_a_single_step_update_needs_no_policy_forward_in_the_rollout(tmp_path, a
     assert rl.single_step(cfg)
     assert not rl.single_step(load_config(rl.Config, TINY, overrides + ["rl.minibatch_size=16"]))
     assert not rl.single_step(load_config(rl.Config, TINY, overrides + ["generation.dtype=bfloat16"]))
+    # the KL in the reward (RLOO, REINFORCE++, GRPO's kl_in=reward) takes the rollout's log-probs
+    for other in (["rl.algorithm=rloo"], ["rl.algorithm=reinforce_pp"], ["rl.kl_in=reward"]):
+        assert not rl.single_step(load_config(rl.Config, TINY, overrides + other))
     weights, logs = {}, {}
     for skip in (True, False):
         monkeypatch.setattr(rl, "single_step", lambda c, skip=skip: skip)
@@ -264,8 +270,5 @@ def test_a_single_step_update_needs_no_policy_forward_in_the_rollout(tmp_path, a
         assert records[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert logs[True]["policy_forwards"] == logs[False]["policy_forwards"] - 1
     assert logs[True]["kl"] == pytest.approx(logs[False]["kl"], abs=1e-5)
-    # RLOO puts the KL in the reward, so the two runs' advantages differ by ~1e-7; Adam divides
-    # near-zero gradients by their own size, which lifts that to ~5e-5 on a few weights. An
-    # update taken from another policy would move weights by the learning rate, 1e-2.
     for k in weights[True]:
-        torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-4, rtol=0)
+        torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-6, rtol=1e-5)

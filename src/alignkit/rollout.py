@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from alignkit.config import GenerationConfig
@@ -383,22 +384,33 @@ def layout(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: i
 
 def forward_responses(actor_critic, query_responses, attention_mask, position_ids, responses,
                       temperature: float):
-    """Log-probs ``(B, R)``, values ``(B, R)`` (or None) and logits ``(B, R, V)`` of the response tokens.
+    """Log-probs ``(B, R)``, values ``(B, R)`` (or None) and logits ``(B, R', V)`` of the response tokens.
 
     ``actor_critic(input_ids, attention_mask, position_ids, logits_to_keep)``
     returns the last ``logits_to_keep`` positions' logits and values (values may
     be None: a reference). Positions P-1 .. P+R-2 predict the R response tokens.
     Logits are divided by the sampling temperature before the log-softmax: the
     log-probs are those of the distribution the tokens were drawn from.
+
+    The forward runs only on the columns some row of this batch uses: prompt
+    padding every row has and response columns past the batch's longest response
+    are cut (the values do not change: positions are explicit and padding is
+    masked). Log-probs and values come back at the full width R, 0 past the
+    batch's longest response R'; the logits cover the first R' columns only.
     """
     from alignkit.losses import token_logprobs
 
-    keep = responses.shape[1] + 1
-    logits, values = actor_critic(query_responses, attention_mask, position_ids, keep)
+    P, R = query_responses.shape[1] - responses.shape[1], responses.shape[1]
+    used = attention_mask.bool()
+    first = min(int(used[:, :P].any(0).float().argmax()), P - 1)  # the first prompt column a row uses
+    width = max(1, int(used[:, P:].sum(-1).max()))  # the longest response of the batch
+    keep = width + 1
+    cut = slice(first, P + width)
+    logits, values = actor_critic(query_responses[:, cut], attention_mask[:, cut], position_ids[:, cut], keep)
     logits = logits[:, :-1]
-    logprobs = token_logprobs(logits, responses, temperature)
+    logprobs = F.pad(token_logprobs(logits, responses[:, :width], temperature), (0, R - width))
     if values is not None:
-        values = values[:, :-1].float()
+        values = F.pad(values[:, :-1].float(), (0, R - width))
     return logprobs, values, logits
 
 
@@ -426,10 +438,10 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
         engine: with several processes each samples and scores its contiguous
             share of the prompts, and every process gets the whole rollout, laid
             out exactly as one process would lay it out.
-        score_policy: False skips the policy's scoring forward: ``logprobs`` are then the
-            sampler's own (``sampler_logprobs`` None) and ``values`` 0. For an update that
-            takes a single optimizer step on the whole rollout: its old log-probs are its
-            own forward's, detached, so the policy forward here would be thrown away.
+        score_policy: False skips the policy's scoring forward of a critic-free policy:
+            ``logprobs`` are then the sampler's own (``sampler_logprobs`` None), which must
+            run in the policy's precision. For an update whose old log-probs are its own
+            forward's, detached (see :func:`alignkit.recipes.rl.single_step`).
     """
     from alignkit.training import SingleProcess
 
@@ -443,16 +455,17 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     my_prompts = set(engine.shard(list(range(len(prompt_ids)))))
     mine = [j for j, (p, _) in enumerate(jobs) if p in my_prompts]
 
-    # 1. sample this process's share: left padding + KV cache, in prompt order. The sampler's
-    # recorded log-probs are kept to measure the sampler against the trainer only: they come
-    # from the cached, left-padded generation (~1e-6 off in the same precision, more from a
-    # half-precision sampler), and the update's ratio must start at exactly 1 on this layout.
+    # 1. sample this process's share: left padding + KV cache, in prompt order. The sampler
+    # records each token's log-prob: in the policy's precision the scoring forward's to ~1e-6
+    # (cached, left-padded), from a half-precision sampler further (measured: sampler_mismatch).
     responses: list[list[int]] = []
     sampled: list[list[float]] = []
     gen = dataclasses.replace(gen, do_sample=True, top_k=0, top_p=1.0)
     # in the precision the policy trains in (mixed precision autocasts the forwards), or gen.dtype's
     with engine.for_generation(actor_critic) as inner, engine.autocast():
         sampler = sampler_model(inner.policy, gen, engine)
+        if not score_policy and (sampler is not inner.policy or inner.has_critic):
+            raise ValueError("score_policy=False needs a critic-free policy sampling in its own precision")
         for start in range(0, len(mine), gen.batch_size):
             chunk = [jobs[j] for j in mine[start:start + gen.batch_size]]
             out, lps = _sample(sampler, tokenizer, [prompt_ids[p] for p, _ in chunk], chunk, gen, seed,

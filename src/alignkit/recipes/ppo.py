@@ -210,8 +210,8 @@ def ppo_update(ac: ActorCritic, rollout: Rollout, advantages: torch.Tensor, retu
                 # Entropy through the graph only when it is part of the loss (it is a
                 # (B, R, V) computation); otherwise it is measured, not trained.
                 with torch.enable_grad() if p.ent_coef > 0 else torch.no_grad():
-                    entropy = entropy_from_logits(logits, rollout.temperature)
-                    ent_bonus, ent_metrics = entropy_bonus(entropy, mb_mask, num_tokens)
+                    entropy = entropy_from_logits(logits, rollout.temperature)  # the batch's response columns
+                    ent_bonus, ent_metrics = entropy_bonus(entropy, mb_mask[:, :entropy.shape[1]], num_tokens)
                 loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * ent_bonus
                 engine.backward(loss * share.weight)
                 if share.weight:

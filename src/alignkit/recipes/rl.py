@@ -218,15 +218,19 @@ def _forward(model, rollout: Rollout, rows: torch.Tensor, device):
 
 
 def single_step(cfg: Config) -> bool:
-    """Whether each rollout is trained with one optimizer step on all of it, sampled in the policy's precision.
+    """Whether GRPO trains each rollout with one optimizer step on all of it, sampled in the policy's precision.
 
     Then the policy the update starts from is the one that sampled, its old
     log-probs are its own forward's (detached: the ratio is exactly 1, as in
-    GRPO with mu = 1), and the rollout's policy forward can be skipped.
+    GRPO with mu = 1), and the rollout's policy forward can be skipped. Only
+    where the rollout's log-probs reach no advantage (the KL as a loss term): the
+    sampler's differ from a forward's by ~1e-7, and on the first step, where the
+    policy is the reference and equal scores leave nothing to learn, Adam would
+    turn that rounding into a full step (it divides a gradient by its own size).
     """
     r = cfg.rl
-    return (r.algorithm != "online_dpo" and r.epochs == 1 and cfg.generation.dtype == "auto"
-            and r.minibatch_size == r.prompts_per_step * r.samples_per_prompt)
+    return (r.algorithm == "grpo" and (r.kl_in == "loss" or r.kl_coef == 0) and r.epochs == 1
+            and cfg.generation.dtype == "auto" and r.minibatch_size == r.prompts_per_step * r.samples_per_prompt)
 
 
 def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[int], optimizer, scheduler,
@@ -262,7 +266,8 @@ def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[
                     loss = loss + r.kl_coef * kl_term
                     m.update(km)
                 with torch.no_grad():  # measured, not trained
-                    m["entropy"] = float(masked_mean(entropy_from_logits(logits, rollout.temperature), mask))
+                    entropy = entropy_from_logits(logits, rollout.temperature)  # the batch's response columns
+                    m["entropy"] = float(masked_mean(entropy, mask[:, :entropy.shape[1]]))
                 engine.backward(loss * share.weight)
                 if share.weight:
                     records.append({**m, "tokens": float(mask.sum())})
@@ -300,7 +305,8 @@ def dpo_update(model, rollout: Rollout, pairs: list[tuple[int, int]], optimizer,
                 n = len(chosen)
                 loss, m = loss_fn(seq[:n], seq[n:], ref[chosen].to(device), ref[rejected].to(device))
                 with torch.no_grad():
-                    m["entropy"] = float(masked_mean(entropy_from_logits(logits, rollout.temperature), mask))
+                    entropy = entropy_from_logits(logits, rollout.temperature)  # the batch's response columns
+                    m["entropy"] = float(masked_mean(entropy, mask[:, :entropy.shape[1]]))
                 part = n / len(mb) * share.weight  # the loss is a mean over the share's pairs
                 engine.backward(loss * part)
                 if share.weight:
