@@ -1,14 +1,18 @@
-"""alignkit against TRL on the same work, side by side in one run: DPO, reward-model training, sampling.
+"""alignkit against TRL on the same work, side by side in one run: PPO, GRPO, DPO, reward models, sampling.
 
     pip install -e '.[bench]'                                   # TRL 1.12
-    .venv/bin/python benchmarks/compare.py                      # all parts, ~20 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/compare.py                      # all parts, about an hour on 2 CPU cores
     .venv/bin/python benchmarks/compare.py --parts dpo,rm-minilm --steps 8
-    .venv/bin/python benchmarks/compare.py --parts generation --batches 8,32
+    .venv/bin/python benchmarks/compare.py --parts generation --batches 8,32,64
 
 Each side runs in a child process of this one, one after the other, so that peak memory
 (resident set size; the device's allocator on a GPU) is its own, on the same model,
 data, batch size, lengths, precision (fp32) and number of optimizer steps:
 
+- ``ppo-recommended``, ``ppo`` (and ``ppo-lora``): ``benchmarks/ppo_vs_trl.py`` against TRL
+  1.12's ``PPOTrainer``: each library's recommended set-up for a LoRA policy with the
+  held-out score after the same steps, and equal work (a separate value model on both
+  sides; full fine-tuning, or a LoRA policy), 4 steps each, with alignkit's phases.
 - ``dpo``: SmolLM2-135M-Instruct with LoRA r=16 on every linear layer, batch 4 pairs,
   sequences cut at 128 tokens, beta 0.1, against TRL's ``DPOTrainer`` with its reference
   by adapter switch. Each side's own way with the reference: alignkit computes the
@@ -21,20 +25,26 @@ data, batch size, lengths, precision (fp32) and number of optimizer steps:
   temperature 0.7, one optimizer step per rollout over micro-batches of 8, one pass, KL weight
   0.04 with the reference by adapter switch, the reward ``min(words / 40, 1)`` on both sides.
 - ``generation``: tokens per second of alignkit's sampler against plain
-  ``model.generate(do_sample=True)`` from the same distribution (``benchmarks/generation.py``).
+  ``model.generate(do_sample=True)`` from the same distribution, SmolLM2-135M's shape, batch
+  8, 32 and 64, fp32 and bf16 (``benchmarks/generation.py``).
+
+Utilisation: for DPO and the reward models, the FLOPs a step needs (torch's
+``FlopCounterMode`` over the trained model's forward and backward on the step's rows at
+their mean padded length; DPO's reference forward not counted, since it can be computed
+once) over each side's time per step, against the fp32 matmul rate measured in the same
+run (2048 x 2048 products).
 
 Gradient checkpointing is off on both sides (TRL turns it on by default: with it, TRL
 recomputes activations and uses less memory; ``COMPARE_GRADIENT_CHECKPOINTING=1`` turns it
 on for both), and dropout is what alignkit does on both: off for DPO, the model's own for
 reward models (MiniLM's 0.1; TRL's default turns it off).
 
-PPO, the same work and each library's recommended LoRA set-up, is ``benchmarks/ppo_vs_trl.py``
-(``--lora``, ``--recommended``). Per step: alignkit's ``time/step`` (end of one optimizer
-step to the end of the next) and TRL's time between ``on_step_end`` callbacks; the first
-step pays for warm-up and is left out of the median. Ratios are alignkit over TRL in steps
-per second (above 1: alignkit is faster) and in peak memory (below 1: lighter). The pairs
-are alignkit's synthetic polite-vs-rude set, the same lines for both sides. A quiet machine
-matters: the load average is printed with the table.
+Per step: alignkit's ``time/step`` (end of one optimizer step to the end of the next) and
+TRL's time between ``on_step_end`` callbacks; the first step pays for warm-up and is left
+out of the median. Ratios are alignkit over TRL in steps per second (above 1: alignkit is
+faster) and in peak memory (below 1: lighter). The pairs are alignkit's synthetic
+polite-vs-rude set, the same lines for both sides. A quiet machine matters: the load
+average is printed with the table.
 """
 
 from __future__ import annotations
@@ -61,6 +71,13 @@ SETTINGS = {  # part -> (model, lora, batch size)
     "rm-minilm": (ENCODER, False, 8),
     "rm-smollm2": (POLICY, True, 8),
 }
+
+
+# PPO against TRL 1.12's PPOTrainer is benchmarks/ppo_vs_trl.py; these parts run it:
+# (a) equal work, a separate value model on both sides, full fine-tuning or a LoRA policy;
+# (b) each library's recommended set-up for a LoRA policy, with the held-out score
+PPO_PARTS = {"ppo": [], "ppo-lora": ["--lora"], "ppo-recommended": ["--recommended"]}
+PPO_STEPS = 4
 
 
 def write_pairs(path: Path, n: int) -> None:
@@ -340,7 +357,8 @@ def training_part(part: str, steps: int, tmp: Path, peak: float) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="dpo,rm-minilm,rm-smollm2,grpo,generation")
+    p.add_argument("--parts", default="dpo,rm-minilm,rm-smollm2,grpo,ppo-recommended,ppo,generation",
+                   help="also: ppo-lora")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per side (the first is warm-up)")
     p.add_argument("--batches", default="8,32,64", help="generation: batch sizes")
     p.add_argument("--side", choices=("alignkit", "trl", "flops"), help=argparse.SUPPRESS)
@@ -351,7 +369,7 @@ def main() -> int:
         child(args.side, args.part, args.pairs, args.steps)
         return 0
     parts = args.parts.split(",")
-    if any(part in SETTINGS for part in parts) and importlib.util.find_spec("trl") is None:
+    if any(part in SETTINGS or part in PPO_PARTS for part in parts) and importlib.util.find_spec("trl") is None:
         raise SystemExit("compare: TRL is not installed; pip install -e '.[bench]'")
     lines = []
     peak = launch("flops", "", Path(), 0)["peak"]
@@ -363,6 +381,14 @@ def main() -> int:
                     lines.append(training_part(part, args.steps, Path(tmp), peak))
                 except RuntimeError as e:
                     lines.append(f"{part:<11} FAILED: {e}")
+                print(lines[-1], flush=True)
+            elif part in PPO_PARTS:
+                print(f"running {part} ...", flush=True)
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+                done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ppo_vs_trl.py"), "--steps",
+                                       str(PPO_STEPS), *PPO_PARTS[part]], env=env, capture_output=True, text=True)
+                table = done.stdout[done.stdout.find("\nPPO on"):].strip() if done.returncode == 0 else ""
+                lines.append(f"{part}:\n{table}" if table else f"{part:<11} FAILED: {done.stderr.strip()[-300:]}")
                 print(lines[-1], flush=True)
             elif part == "generation":
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}

@@ -243,7 +243,8 @@ def main() -> int:
         print(f"{side:10} {r['median']:>14.2f} {steps:>30} {r['wall_s']:>8.1f} {r['peak_rss_mib']:>13.0f}")
     ours, theirs = results["alignkit"], results["trl"]
     print(f"TRL / alignkit: time per step x{theirs['median'] / ours['median']:.2f}; "
-          f"peak memory alignkit / TRL x{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}")
+          f"peak memory alignkit / TRL x{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}; episodes/s "
+          f"{PROMPTS / ours['median']:.2f} vs {PROMPTS / theirs['median']:.2f}")
     phases = ours["phases"]
     print("alignkit phases (median s, steps 2-): " + ", ".join(
         f"{k} {statistics.median(v[1:] or v):.2f}" for k, v in phases.items()))
