@@ -68,6 +68,7 @@ GRADIENT_CHECKPOINTING = os.environ.get("COMPARE_GRADIENT_CHECKPOINTING", "0") =
 SETTINGS = {  # part -> (model, lora, batch size)
     "dpo": (POLICY, True, 4),
     "grpo": (POLICY, True, 8),
+    "grpo-bf16": (POLICY, True, 8),  # alignkit samples from its bf16 copy (gap logged); TRL as in grpo
     "rm-minilm": (ENCODER, False, 8),
     "rm-smollm2": (POLICY, True, 8),
 }
@@ -94,8 +95,8 @@ def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
     from alignkit.runs import read_metrics
 
     model, lora, batch = SETTINGS[part]
-    if part == "grpo":
-        return _alignkit_grpo(steps, out)
+    if part.startswith("grpo"):
+        return _alignkit_grpo(steps, out, ["generation.dtype=bfloat16"] if part == "grpo-bf16" else [])
     stage = "dpo" if part == "dpo" else "rm"
     overrides = [f"model.name={model}", f"model.lora.enabled={str(lora).lower()}", f"model.lora.r={LORA_R}",
                  f"model.lora.alpha={LORA_ALPHA}", f"data.path={pairs}", "data.eval_fraction=0",
@@ -124,7 +125,7 @@ def grpo_prompts(n: int) -> list[str]:
     return [p.prompt for p in load_prompts("builtin:prompts", split="train", kind="red_team", limit=n)]
 
 
-def _alignkit_grpo(steps: int, out: Path) -> dict:
+def _alignkit_grpo(steps: int, out: Path, extra: list[str]) -> dict:
     from alignkit.config import load_config
     from alignkit.recipes import rl
     from alignkit.runs import read_metrics
@@ -137,10 +138,12 @@ def _alignkit_grpo(steps: int, out: Path) -> dict:
                  f"rl.prompts_per_step={GRPO_PROMPTS}", f"rl.samples_per_prompt={GRPO_G}",
                  f"rl.minibatch_size={GRPO_PROMPTS * GRPO_G}", "train.grad_accum=2", "rl.epochs=1",
                  f"rl.kl_coef={GRPO_BETA}", f"train.learning_rate={LR}", "train.save_every=0",
-                 f"run.output_dir={out}", "run.name=bench"]
+                 f"run.output_dir={out}", "run.name=bench", *extra]
     rl.main(load_config(rl.Config, None, overrides))
     rows = read_metrics(out / "bench" / "rl")
-    return {"step_s": [r["time/step"] for r in rows if "time/step" in r][1:]}
+    gaps = [r["sampler/logprob_gap"] for r in rows if r.get("sampler/logprob_gap") is not None]
+    return {"step_s": [r["time/step"] for r in rows if "time/step" in r][1:],
+            "sampler_gap": statistics.mean(gaps) if gaps else None}
 
 
 def _trl_grpo(steps: int, out: Path) -> dict:
@@ -192,7 +195,7 @@ def run_trl(part: str, pairs: Path, steps: int, out: Path) -> dict:
 
     from alignkit.models import resolve
 
-    if part == "grpo":
+    if part.startswith("grpo"):
         return _trl_grpo(steps, out)
     model_name, lora, batch = SETTINGS[part]
     path = resolve(model_name)
@@ -344,10 +347,12 @@ def training_part(part: str, steps: int, tmp: Path, peak: float) -> str:
     med = {s: statistics.median(r["step_s"]) for s, r in res.items()}
     model, lora, batch = SETTINGS[part]
     use = ""
-    if part != "grpo":  # a GRPO step is mostly sampling, which is bound by memory, not matmul
+    if not part.startswith("grpo"):  # a GRPO step is mostly sampling, which is bound by memory, not matmul
         flops = launch("flops", part, pairs, steps)["flops"]
         use = (f"  {flops / 1e9:5.0f} GFLOP/step, {flops / med['alignkit'] / peak:4.0%} vs "
                f"{flops / med['trl'] / peak:4.0%} of matmul peak")
+    elif res["alignkit"].get("sampler_gap") is not None:
+        use = f"  sampler/logprob_gap {res['alignkit']['sampler_gap']:.4f}"
     return (f"{part:<11} {model.removeprefix('builtin:'):<24} {'LoRA' if lora else 'full':<5} batch {batch}  "
             f"s/step {med['alignkit']:6.3f} vs {med['trl']:6.3f}  x{med['trl'] / med['alignkit']:4.2f} faster  "
             f"run {res['alignkit']['run_s']:6.1f} vs {res['trl']['run_s']:6.1f} s  "
@@ -358,7 +363,7 @@ def training_part(part: str, steps: int, tmp: Path, peak: float) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="dpo,rm-minilm,rm-smollm2,grpo,ppo-recommended,ppo,generation",
-                   help="also: ppo-lora")
+                   help="also: ppo-lora, grpo-bf16 (alignkit samples from a bf16 copy, TRL in fp32)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per side (the first is warm-up)")
     p.add_argument("--batches", default="8,32,64", help="generation: batch sizes")
     p.add_argument("--side", choices=("alignkit", "trl", "flops"), help=argparse.SUPPRESS)

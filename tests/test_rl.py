@@ -250,7 +250,6 @@ def test_a_single_step_update_needs_no_policy_forward_in_the_rollout(tmp_path, a
     cfg = load_config(rl.Config, TINY, overrides)
     assert rl.single_step(cfg)
     assert not rl.single_step(load_config(rl.Config, TINY, overrides + ["rl.minibatch_size=16"]))
-    assert not rl.single_step(load_config(rl.Config, TINY, overrides + ["generation.dtype=bfloat16"]))
     # the KL in the reward (RLOO, REINFORCE++, GRPO's kl_in=reward) takes the rollout's log-probs
     for other in (["rl.algorithm=rloo"], ["rl.algorithm=reinforce_pp"], ["rl.kl_in=reward"]):
         assert not rl.single_step(load_config(rl.Config, TINY, overrides + other))
@@ -272,3 +271,20 @@ def test_a_single_step_update_needs_no_policy_forward_in_the_rollout(tmp_path, a
     assert logs[True]["kl"] == pytest.approx(logs[False]["kl"], abs=1e-5)
     for k in weights[True]:
         torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-6, rtol=1e-5)
+    # the update's forward measures the sampler: in the same precision to float rounding
+    assert logs[True]["sampler/logprob_gap"] < 1e-5
+
+
+def test_a_single_step_update_measures_a_half_precision_samplers_gap(tmp_path):
+    # With generation.dtype=bfloat16 the tokens come from a bf16 copy; the single-step update
+    # needs no scoring forward for the old log-probs (its own, detached: the ratio is 1) and
+    # its forward measures how far the sampler's log-probs are from the trainer's.
+    cfg = load_config(rl.Config, TINY, [f"run.output_dir={tmp_path}", "reward.spec=rule:length:4", "rl.epochs=1",
+                                        "rl.minibatch_size=32", "generation.dtype=bfloat16"])
+    assert rl.single_step(cfg)
+    engine = Engine(seed=0)
+    setup = rl.build(cfg, engine)
+    metrics, records = rl.rl_step(1, cfg, setup, engine)
+    assert records[0]["ratio_mean"] == 1.0 and records[0]["ratio_max"] == 1.0
+    assert 1e-4 < metrics["sampler/logprob_gap"] < 0.2  # bf16 keeps 8 bits of mantissa
+    assert 0 <= metrics["sampler/kl"] < 0.05  # k3 = r - 1 - log r >= 0 per token

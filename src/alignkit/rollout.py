@@ -439,9 +439,9 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
             share of the prompts, and every process gets the whole rollout, laid
             out exactly as one process would lay it out.
         score_policy: False skips the policy's scoring forward of a critic-free policy:
-            ``logprobs`` are then the sampler's own (``sampler_logprobs`` None), which must
-            run in the policy's precision. For an update whose old log-probs are its own
-            forward's, detached (see :func:`alignkit.recipes.rl.single_step`).
+            ``logprobs`` are then the sampler's own, in its precision (``sampler_logprobs``
+            None). For an update whose old log-probs are its own forward's, detached
+            (:func:`alignkit.recipes.rl.single_step`), which measures the sampler's gap.
     """
     from alignkit.training import SingleProcess
 
@@ -464,8 +464,8 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     # in the precision the policy trains in (mixed precision autocasts the forwards), or gen.dtype's
     with engine.for_generation(actor_critic) as inner, engine.autocast():
         sampler = sampler_model(inner.policy, gen, engine)
-        if not score_policy and (sampler is not inner.policy or inner.has_critic):
-            raise ValueError("score_policy=False needs a critic-free policy sampling in its own precision")
+        if not score_policy and inner.has_critic:
+            raise ValueError("score_policy=False needs a critic-free policy")
         for start in range(0, len(mine), gen.batch_size):
             chunk = [jobs[j] for j in mine[start:start + gen.batch_size]]
             out, lps = _sample(sampler, tokenizer, [prompt_ids[p] for p, _ in chunk], chunk, gen, seed,

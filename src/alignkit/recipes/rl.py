@@ -218,19 +218,21 @@ def _forward(model, rollout: Rollout, rows: torch.Tensor, device):
 
 
 def single_step(cfg: Config) -> bool:
-    """Whether GRPO trains each rollout with one optimizer step on all of it, sampled in the policy's precision.
+    """Whether GRPO trains each rollout with one optimizer step on all of it.
 
     Then the policy the update starts from is the one that sampled, its old
     log-probs are its own forward's (detached: the ratio is exactly 1, as in
-    GRPO with mu = 1), and the rollout's policy forward can be skipped. Only
-    where the rollout's log-probs reach no advantage (the KL as a loss term): the
-    sampler's differ from a forward's by ~1e-7, and on the first step, where the
-    policy is the reference and equal scores leave nothing to learn, Adam would
-    turn that rounding into a full step (it divides a gradient by its own size).
+    GRPO with mu = 1), and the rollout's policy forward can be skipped; with a
+    half-precision sampler (``generation.dtype``) the update's forward also
+    measures the sampler's gap (``sampler/*``). Only where the rollout's log-probs
+    reach no advantage (the KL as a loss term): the sampler's differ from a
+    forward's, and on the first step, where the policy is the reference and equal
+    scores leave nothing to learn, Adam would turn that difference into a full
+    step (it divides a gradient by its own size).
     """
     r = cfg.rl
     return (r.algorithm == "grpo" and (r.kl_in == "loss" or r.kl_coef == 0) and r.epochs == 1
-            and cfg.generation.dtype == "auto" and r.minibatch_size == r.prompts_per_step * r.samples_per_prompt)
+            and r.minibatch_size == r.prompts_per_step * r.samples_per_prompt)
 
 
 def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[int], optimizer, scheduler,
@@ -258,9 +260,16 @@ def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[
                 mask = rollout.mask[idx].to(device)
                 logprobs, _, logits = _forward(model, rollout, idx, device)
                 weights = aggregation_weights(mask, r.aggregation, n_seq, n_tok, cfg.generation.max_new_tokens)
-                old = logprobs.detach() if single_step(cfg) else rollout.logprobs[idx].to(device)
+                if single_step(cfg):  # the sampling policy is this forward's; rollout.logprobs are the sampler's
+                    old = logprobs.detach()
+                    sampled = rollout.logprobs[idx].to(device)
+                    gap = {"sampler/logprob_gap": float(masked_mean((old - sampled).abs(), mask)),
+                           "sampler/kl": float(masked_mean((old - sampled).exp() - 1 - (old - sampled), mask))}
+                else:
+                    old, gap = rollout.logprobs[idx].to(device), {}
                 loss, m = clipped_policy_loss(logprobs, old, advantages[idx].to(device), mask, r.clip_eps_low,
                                               r.clip_eps_high, weights)
+                m.update(gap)
                 if r.algorithm == "grpo" and r.kl_in == "loss" and r.kl_coef > 0:
                     kl_term, km = kl_loss(logprobs, rollout.ref_logprobs[idx].to(device), mask, weights)
                     loss = loss + r.kl_coef * kl_term
