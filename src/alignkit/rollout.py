@@ -103,9 +103,13 @@ def sampler_model(model, gen: GenerationConfig, engine=None):
 
     The copy is made once per model and its weights are copied in from ``model``
     at every call (about a tenth of a second for 135M weights on two CPU cores),
-    so it always samples the current policy. Sampling from a half-precision copy
-    is what vLLM-backed trainers do; the rollout measures how far the copy's
-    log-probs are from the trainer's (:func:`sampler_mismatch`).
+    so it always samples the current policy. A LoRA policy's copy is a plain model
+    with the adapter merged into its weights (``W + B A s``, recomputed at every
+    sync): unmerged, the adapter's small matmuls in every layer cost what the half
+    precision saves (SmolLM2, batch 16 x 40 tokens: 4.6 s unmerged in bf16, 3.4 s
+    merged). Sampling from a half-precision copy is what vLLM-backed trainers do;
+    the rollout measures how far the copy's log-probs are from the trainer's
+    (:func:`sampler_mismatch`).
     """
     if gen.dtype == "auto" or next(model.parameters()).dtype == getattr(torch, gen.dtype):
         return model
@@ -114,16 +118,34 @@ def sampler_model(model, gen: GenerationConfig, engine=None):
 
         raise ConfigError("generation.dtype: a half-precision sampler copy needs whole weights on each process; "
                           "with FSDP or DeepSpeed ZeRO-3 keep generation.dtype=auto")
+    from alignkit.models import is_peft
+
     dtype = getattr(torch, gen.dtype)
     twin = _SAMPLER_COPIES.get(model)
     if twin is None:
-        twin = _SAMPLER_COPIES[model] = copy.deepcopy(model).eval().requires_grad_(False)
+        twin = copy.deepcopy(model)
+        twin = twin.merge_and_unload() if is_peft(twin) else twin
+        twin = _SAMPLER_COPIES[model] = twin.eval().requires_grad_(False)
         for param in twin.parameters():  # the weights only: buffers (RoPE frequencies) stay as they are
             param.data = param.data.to(dtype) if param.is_floating_point() else param.data
     else:
-        for mine, theirs in zip(twin.parameters(), model.parameters()):
-            mine.copy_(theirs)
+        weights = _merged_weights(model) if is_peft(model) else dict(model.named_parameters())
+        for name, param in twin.named_parameters():
+            param.copy_(weights[name])
     return twin
+
+
+def _merged_weights(peft_model) -> dict[str, torch.Tensor]:
+    """A LoRA model's weights by the names of its merged plain model: ``W + B A s`` for adapted layers."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = peft_model.base_model.model
+    weights = dict(inner.named_parameters())
+    for name, module in inner.named_modules():
+        if isinstance(module, LoraLayer):
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+            weights[f"{name}.weight"] = module.base_layer.weight + delta
+    return weights
 
 
 def sampler_mismatch(rollout: "Rollout") -> dict[str, float]:
