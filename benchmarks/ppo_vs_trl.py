@@ -48,6 +48,7 @@ POLICY = "builtin:smollm2-135m-instruct"
 PROMPTS, RESPONSE_TOKENS, TEMPERATURE, KL_COEF, LR = 16, 40, 0.7, 0.05, 1e-5
 MINIBATCH, PPO_EPOCHS, FORWARD_BATCH = 8, 2, 8
 HELD_OUT = 32
+EXTRA_ENV = "PPO_VS_TRL_SET"  # how --set reaches the alignkit child
 
 
 def write_reward_model(folder: Path) -> None:
@@ -102,13 +103,15 @@ def run_alignkit(reward_folder: Path, steps: int, lora: bool, out: Path, recomme
         f"generation.batch_size={PROMPTS}", f"ppo.steps={steps}", f"ppo.rollout_batch_size={PROMPTS}",
         f"ppo.minibatch_size={MINIBATCH}", f"ppo.ppo_epochs={PPO_EPOCHS}", f"ppo.kl.coef={KL_COEF}",
         f"train.learning_rate={LR}", "train.save_every=0", "train.log_every=1", f"run.output_dir={out}",
+        *os.environ.get(EXTRA_ENV, "").split(),  # --set: alignkit's side only
     ]
     cfg = load_config(ppo.Config, None, overrides)
     ppo.main(cfg)
     final = out / cfg.run.name / "ppo" / "final"  # merged weights: plain transformers loads them
     rows = read_metrics(out / cfg.run.name / "ppo")
     result = {"step_s": [r["time/rollout"] + r["time/score"] + r["time/update"] for r in rows],
-              "phases": {k: [r[f"time/{k}"] for r in rows] for k in ("rollout", "score", "update")}}
+              "phases": {k: [r[f"time/{k}"] for r in rows] for k in ("rollout", "score", "update")},
+              "sampler_gap": [r["sampler/logprob_gap"] for r in rows if "sampler/logprob_gap" in r]}
     if recommended:
         tok = load_tokenizer(POLICY)
         result["held_out"] = held_out_score(load_causal_lm(ModelConfig(name=str(final)), trainable=False,
@@ -209,10 +212,14 @@ def main() -> int:
     p.add_argument("--recommended", action="store_true",
                    help="each library's recommended LoRA set-up (implies --lora), and the held-out score")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an alignkit config override for its side only, e.g. generation.dtype=bfloat16")
     p.add_argument("--side", choices=("alignkit", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--reward-folder", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.lora = args.lora or args.recommended
+    if args.set:
+        os.environ[EXTRA_ENV] = " ".join(args.set)
     if args.side:
         child(args.side, args.reward_folder, args.steps, args.lora, args.threads, args.recommended)
         return 0
@@ -231,7 +238,8 @@ def main() -> int:
             results[side] = launch(side, reward_folder, args.steps, args.lora, args.threads, args.recommended)
 
     setup = ("each library's recommended set-up (alignkit: value head on the trunk; TRL: separate value model)"
-             if args.recommended else "separate value model")
+             if args.recommended else "separate value model") + (f"; alignkit with {' '.join(args.set)}"
+                                                                  if args.set else "")
     print(f"\nPPO on {POLICY} ({'LoRA r=16' if args.lora else 'full fine-tuning'}), {setup}, "
           f"SmolLM2 reward model; {PROMPTS} prompts x <= {RESPONSE_TOKENS} tokens, {PPO_EPOCHS} epochs of "
           f"minibatch {MINIBATCH}; {args.steps} steps; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
@@ -248,6 +256,8 @@ def main() -> int:
     phases = ours["phases"]
     print("alignkit phases (median s, steps 2-): " + ", ".join(
         f"{k} {statistics.median(v[1:] or v):.2f}" for k, v in phases.items()))
+    if ours.get("sampler_gap"):
+        print(f"alignkit sampler/logprob_gap (mean over steps): {statistics.mean(ours['sampler_gap']):.4f}")
     if args.recommended:
         print(f"held-out score ({HELD_OUT} red-team test prompts, the reward model): alignkit "
               f"{ours['held_out']:.4f}, TRL {theirs['held_out']:.4f}")
