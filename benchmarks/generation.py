@@ -24,16 +24,7 @@ import statistics
 import time
 
 import torch
-
-
-def smollm2_shaped(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-                         max_position_embeddings=2048)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+from shapes import smollm2_shaped
 
 
 def main() -> int:

@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/ppo_vs_trl.py                 # SmolLM2-135M, 4 steps each
     .venv/bin/python benchmarks/ppo_vs_trl.py --steps 6 --lora
     .venv/bin/python benchmarks/ppo_vs_trl.py --steps 6 --recommended     # each library's LoRA set-up
+    python3 benchmarks/ppo_vs_trl.py --recommended --gpu --model /tmp/smollm2-shaped --prompts 64 --tokens 128
 
 Both sides run in child processes of this one, one after the other, on the same
 setting: the built-in SmolLM2-135M-Instruct as policy (full fine-tuning, or LoRA
@@ -20,6 +21,14 @@ alignkit the sum of the step's phases (``time/rollout + time/score +
 time/update`` in metrics.jsonl); the first step (warm-up) is left out and the
 median of the others is printed. Peak memory is each child's maximum resident
 set size. Numbers from a noisy machine: run it twice.
+
+``--gpu`` runs both sides on CUDA with bf16 autocast (TRL's ``bf16=True``; alignkit's
+``train.mixed_precision=bf16``, and its sampler from a bf16 copy with a static KV cache,
+``generation.dtype=bfloat16 generation.cache=static``, its log-prob gap printed); peak
+memory is then the most the CUDA allocator held. ``--model`` takes any folder transformers
+loads (``benchmarks/shapes.py model`` writes SmolLM2's shape with random weights, for a
+machine the built-in package cannot reach); ``--prompts``, ``--tokens`` and
+``--minibatch`` set the rollout and minibatch sizes.
 
 ``--recommended`` compares each library's recommended set-up for a LoRA policy instead of
 equal work: alignkit's defaults (the value head on the policy's trunk, the reference by
@@ -41,24 +50,40 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = "builtin:smollm2-135m-instruct"
-PROMPTS, RESPONSE_TOKENS, TEMPERATURE, KL_COEF, LR = 16, 40, 0.7, 0.05, 1e-5
-MINIBATCH, PPO_EPOCHS, FORWARD_BATCH = 8, 2, 8
-HELD_OUT = 32
+TEMPERATURE, KL_COEF, LR, PPO_EPOCHS, HELD_OUT = 0.7, 0.05, 1e-5, 2, 32
 EXTRA_ENV = "PPO_VS_TRL_SET"  # how --set reaches the alignkit child
+GPU_SET = ["train.mixed_precision=bf16", "generation.dtype=bfloat16", "generation.cache=static"]
 
 
-def write_reward_model(folder: Path) -> None:
-    """SmolLM2 with a seeded one-output score head: a stand-in reward model that costs what a real one costs."""
+@dataclass(frozen=True)
+class Bench:
+    """What both sides run: the model, the sizes, the device (travels to the children as JSON)."""
+
+    steps: int = 4
+    lora: bool = False
+    recommended: bool = False
+    model: str = POLICY
+    prompts: int = 16  # per rollout
+    tokens: int = 40  # at most, per response
+    minibatch: int = 8  # also the rows of each rollout forward
+    gpu: bool = False
+    threads: int = 0
+
+
+def write_reward_model(folder: Path, policy: str) -> None:
+    """The policy's model with a seeded one-output score head: a stand-in reward model that costs what a real
+    one costs."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from alignkit.models import resolve
 
-    path = resolve(POLICY)
+    path = resolve(policy)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     tok = AutoTokenizer.from_pretrained(path)
@@ -73,7 +98,7 @@ def prompt_messages(n: int) -> list:
     return [p.prompt for p in load_prompts("builtin:prompts", split="train", kind="red_team", limit=n)]
 
 
-def held_out_score(policy, tok, reward_folder: Path) -> float:
+def held_out_score(policy, tok, reward_folder: Path, b: Bench) -> float:
     """Mean reward of one answer to each of the held-out red-team prompts (fixed seed, same sampler)."""
     from alignkit.config import GenerationConfig
     from alignkit.data.formats import load_prompts
@@ -81,28 +106,29 @@ def held_out_score(policy, tok, reward_folder: Path) -> float:
     from alignkit.rollout import generate
 
     prompts = [p.prompt for p in load_prompts("builtin:prompts", split="test", kind="red_team", limit=HELD_OUT)]
-    gen = GenerationConfig(max_new_tokens=RESPONSE_TOKENS, temperature=TEMPERATURE, batch_size=HELD_OUT)
+    gen = GenerationConfig(max_new_tokens=b.tokens, temperature=TEMPERATURE, batch_size=HELD_OUT)
     answers = [g.text for g in generate(policy, tok, prompts, gen, seed=1234)]
     return float(build_reward(f"rm:{reward_folder}")(prompts, answers).mean())
 
 
-def run_alignkit(reward_folder: Path, steps: int, lora: bool, out: Path, recommended: bool = False) -> dict:
+def run_alignkit(reward_folder: Path, b: Bench, out: Path) -> dict:
     from alignkit.config import ModelConfig, load_config
     from alignkit.models import load_causal_lm, load_tokenizer
     from alignkit.recipes import ppo
     from alignkit.runs import read_metrics
 
-    value = (["value.mode=shared"] if recommended else  # alignkit's default: a value head on the policy's trunk
+    value = (["value.mode=shared"] if b.recommended else  # alignkit's default: a value head on the policy's trunk
              ["value.mode=separate", "value.init=policy", "value.lora.enabled=false",
               f"value.learning_rate={LR}"])  # TRL trains its value model in full
     overrides = [
-        f"model.name={POLICY}", f"model.lora.enabled={str(lora).lower()}", "model.lora.r=16", "model.lora.alpha=32",
+        f"model.name={b.model}", f"model.lora.enabled={str(b.lora).lower()}", "model.lora.r=16", "model.lora.alpha=32",
         f"reward.spec=rm:{reward_folder}", *value,
         "data.prompts.path=builtin:prompts", "data.prompts.kind=red_team",
-        f"generation.max_new_tokens={RESPONSE_TOKENS}", f"generation.temperature={TEMPERATURE}",
-        f"generation.batch_size={PROMPTS}", f"ppo.steps={steps}", f"ppo.rollout_batch_size={PROMPTS}",
-        f"ppo.minibatch_size={MINIBATCH}", f"ppo.ppo_epochs={PPO_EPOCHS}", f"ppo.kl.coef={KL_COEF}",
+        f"generation.max_new_tokens={b.tokens}", f"generation.temperature={TEMPERATURE}",
+        f"generation.batch_size={b.prompts}", f"ppo.steps={b.steps}", f"ppo.rollout_batch_size={b.prompts}",
+        f"ppo.minibatch_size={b.minibatch}", f"ppo.ppo_epochs={PPO_EPOCHS}", f"ppo.kl.coef={KL_COEF}",
         f"train.learning_rate={LR}", "train.save_every=0", "train.log_every=1", f"run.output_dir={out}",
+        *(GPU_SET if b.gpu else []),
         *os.environ.get(EXTRA_ENV, "").split(),  # --set: alignkit's side only
     ]
     cfg = load_config(ppo.Config, None, overrides)
@@ -112,14 +138,14 @@ def run_alignkit(reward_folder: Path, steps: int, lora: bool, out: Path, recomme
     result = {"step_s": [r["time/rollout"] + r["time/score"] + r["time/update"] for r in rows],
               "phases": {k: [r[f"time/{k}"] for r in rows] for k in ("rollout", "score", "update")},
               "sampler_gap": [r["sampler/logprob_gap"] for r in rows if "sampler/logprob_gap" in r]}
-    if recommended:
-        tok = load_tokenizer(POLICY)
-        result["held_out"] = held_out_score(load_causal_lm(ModelConfig(name=str(final)), trainable=False,
-                                                           tokenizer=tok), tok, reward_folder)
+    if b.recommended:
+        tok = load_tokenizer(b.model)
+        policy = load_causal_lm(ModelConfig(name=str(final)), trainable=False, tokenizer=tok)
+        result["held_out"] = held_out_score(policy.to(_device(b)), tok, reward_folder, b)
     return result
 
 
-def run_trl(reward_folder: Path, steps: int, lora: bool, out: Path, recommended: bool = False) -> dict:
+def run_trl(reward_folder: Path, b: Bench, out: Path) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import torch
     from datasets import Dataset
@@ -130,29 +156,30 @@ def run_trl(reward_folder: Path, steps: int, lora: bool, out: Path, recommended:
     from alignkit.data.collate import encode_prompt
     from alignkit.models import resolve
 
-    path = resolve(POLICY)
+    path = resolve(b.model)
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    ids = [encode_prompt(tok, m) for m in prompt_messages(PROMPTS)]  # rendered as alignkit renders them
+    ids = [encode_prompt(tok, m) for m in prompt_messages(b.prompts)]  # rendered as alignkit renders them
     dataset = Dataset.from_dict({"input_ids": ids})
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ref = None if lora else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ref = None if b.lora else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     value.config.pad_token_id = tok.pad_token_id
     reward = AutoModelForSequenceClassification.from_pretrained(reward_folder, dtype=torch.float32)
     peft_config = None
-    if lora:
+    if b.lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     args = PPOConfig(
         # TRL's rollout is per_device_train_batch_size x gradient_accumulation_steps, split into
-        # num_mini_batches; micro-batches of 8 give the same forward/backward work as ours (its
-        # optimizer then steps once per 2 micro-batches: 2 steps per PPO step to our 4).
-        output_dir=str(out), per_device_train_batch_size=MINIBATCH, gradient_accumulation_steps=PROMPTS // MINIBATCH,
-        num_mini_batches=PROMPTS // MINIBATCH, num_ppo_epochs=PPO_EPOCHS, total_episodes=PROMPTS * steps,
-        response_length=RESPONSE_TOKENS, temperature=TEMPERATURE, local_rollout_forward_batch_size=FORWARD_BATCH,
-        kl_coef=KL_COEF, learning_rate=LR, num_sample_generations=0, report_to=[], save_strategy="no",
-        logging_steps=1, stop_token="eos", missing_eos_penalty=None, use_cpu=True, bf16=False, fp16=False,
+        # num_mini_batches; micro-batches of the minibatch size give the same forward/backward work
+        # as ours (its optimizer steps once per gradient_accumulation_steps micro-batches).
+        output_dir=str(out), per_device_train_batch_size=b.minibatch,
+        gradient_accumulation_steps=b.prompts // b.minibatch, num_mini_batches=b.prompts // b.minibatch,
+        num_ppo_epochs=PPO_EPOCHS, total_episodes=b.prompts * b.steps, response_length=b.tokens,
+        temperature=TEMPERATURE, local_rollout_forward_batch_size=b.minibatch, kl_coef=KL_COEF, learning_rate=LR,
+        num_sample_generations=0, report_to=[], save_strategy="no", logging_steps=1, stop_token="eos",
+        missing_eos_penalty=None, use_cpu=not b.gpu, bf16=b.gpu, fp16=False,
         seed=0, dataloader_num_workers=0,
     )
     ends: list[float] = []
@@ -167,29 +194,37 @@ def run_trl(reward_folder: Path, steps: int, lora: bool, out: Path, recommended:
     trainer.train()
     marks = [start, *ends]
     result = {"step_s": [b - a for a, b in zip(marks, marks[1:])]}
-    if recommended:
+    if b.recommended:
         policy = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model
-        result["held_out"] = held_out_score(policy, tok, reward_folder)
+        result["held_out"] = held_out_score(policy, tok, reward_folder, b)
     return result
 
 
-def child(side: str, reward_folder: Path, steps: int, lora: bool, threads: int, recommended: bool = False) -> None:
+def _device(b: Bench):
+    import torch
+
+    return torch.device("cuda" if b.gpu else "cpu")
+
+
+def child(side: str, reward_folder: Path, b: Bench) -> None:
     os.environ.setdefault("ALIGNKIT_NO_PROGRESS", "1")
     import torch
 
     from alignkit.models import quiet_transformers
 
     quiet_transformers()
-    if threads:
-        torch.set_num_threads(threads)
+    if b.threads:
+        torch.set_num_threads(b.threads)
     with tempfile.TemporaryDirectory() as out:
-        result = (run_alignkit if side == "alignkit" else run_trl)(reward_folder, steps, lora, Path(out), recommended)
+        result = (run_alignkit if side == "alignkit" else run_trl)(reward_folder, b, Path(out))
+    if b.gpu:
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def launch(side: str, reward_folder: Path, steps: int, lora: bool, threads: int, recommended: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--reward-folder", str(reward_folder), "--steps", str(steps),
-           "--threads", str(threads)] + (["--lora"] if lora else []) + (["--recommended"] if recommended else [])
+def launch(side: str, reward_folder: Path, b: Bench) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--reward-folder", str(reward_folder),
+           "--bench", json.dumps(asdict(b))]
     wall0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
@@ -207,22 +242,33 @@ def launch(side: str, reward_folder: Path, steps: int, lora: bool, threads: int,
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=4, help="PPO steps per side (the first is warm-up)")
+    p.add_argument("--steps", type=int, default=Bench.steps, help="PPO steps per side (the first is warm-up)")
     p.add_argument("--lora", action="store_true", help="LoRA r=16 on the policy instead of full fine-tuning")
     p.add_argument("--recommended", action="store_true",
                    help="each library's recommended LoRA set-up (implies --lora), and the held-out score")
+    p.add_argument("--model", default=Bench.model, help="the policy (and value and reward models' start): "
+                   "a built-in name or a folder")
+    p.add_argument("--prompts", type=int, default=Bench.prompts, help="prompts per rollout")
+    p.add_argument("--tokens", type=int, default=Bench.tokens, help="most tokens per response")
+    p.add_argument("--minibatch", type=int, default=Bench.minibatch,
+                   help="rows per minibatch and per rollout forward (divides --prompts)")
+    p.add_argument("--gpu", action="store_true", help="CUDA with bf16 autocast on both sides")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an alignkit config override for its side only, e.g. generation.dtype=bfloat16")
     p.add_argument("--side", choices=("alignkit", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--reward-folder", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--bench", help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.lora = args.lora or args.recommended
+    if args.side:
+        child(args.side, args.reward_folder, Bench(**json.loads(args.bench)))
+        return 0
+    if args.prompts % args.minibatch:
+        raise SystemExit(f"ppo_vs_trl: --minibatch {args.minibatch} must divide --prompts {args.prompts}")
+    b = Bench(steps=args.steps, lora=args.lora or args.recommended, recommended=args.recommended, model=args.model,
+              prompts=args.prompts, tokens=args.tokens, minibatch=args.minibatch, gpu=args.gpu, threads=args.threads)
     if args.set:
         os.environ[EXTRA_ENV] = " ".join(args.set)
-    if args.side:
-        child(args.side, args.reward_folder, args.steps, args.lora, args.threads, args.recommended)
-        return 0
     if importlib.util.find_spec("trl") is None:
         raise SystemExit("ppo_vs_trl: TRL is not installed; pip install -e '.[bench]' (trl==1.12.0)")
 
@@ -231,34 +277,38 @@ def main() -> int:
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
         reward_folder = Path(tmp) / "reward-model"
-        write_reward_model(reward_folder)
+        write_reward_model(reward_folder, b.model)
         results = {}
         for side in ("alignkit", "trl"):
             print(f"running {side} ...", flush=True)
-            results[side] = launch(side, reward_folder, args.steps, args.lora, args.threads, args.recommended)
+            results[side] = launch(side, reward_folder, b)
 
+    extra = [*(GPU_SET if b.gpu else []), *args.set]
     setup = ("each library's recommended set-up (alignkit: value head on the trunk; TRL: separate value model)"
-             if args.recommended else "separate value model") + (f"; alignkit with {' '.join(args.set)}"
-                                                                  if args.set else "")
-    print(f"\nPPO on {POLICY} ({'LoRA r=16' if args.lora else 'full fine-tuning'}), {setup}, "
-          f"SmolLM2 reward model; {PROMPTS} prompts x <= {RESPONSE_TOKENS} tokens, {PPO_EPOCHS} epochs of "
-          f"minibatch {MINIBATCH}; {args.steps} steps; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'':10} {'median s/step':>14} {'steps (s)':>30} {'wall s':>8} {'peak RSS MiB':>13}")
+             if b.recommended else "separate value model") + (f"; alignkit with {' '.join(extra)}" if extra else "")
+    where = ("CUDA, bf16 autocast" if b.gpu else f"fp32, {os.cpu_count()} CPUs") + \
+        f", load average {os.getloadavg()[0]:.1f}"
+    memory = "peak CUDA MiB" if b.gpu else "peak RSS MiB"
+    print(f"\nPPO on {b.model} ({'LoRA r=16' if b.lora else 'full fine-tuning'}), {setup}, "
+          f"reward model of the same shape; {b.prompts} prompts x <= {b.tokens} tokens, {PPO_EPOCHS} epochs of "
+          f"minibatch {b.minibatch}; {b.steps} steps; {where}")
+    print(f"{'':10} {'median s/step':>14} {'steps (s)':>30} {'wall s':>8} {memory:>13}")
     for side, r in results.items():
         later = r["step_s"][1:] or r["step_s"]
         r["median"] = statistics.median(later)
+        r["peak"] = r["peak_cuda_mib"] if b.gpu else r["peak_rss_mib"]
         steps = " ".join(f"{x:.1f}" for x in r["step_s"])
-        print(f"{side:10} {r['median']:>14.2f} {steps:>30} {r['wall_s']:>8.1f} {r['peak_rss_mib']:>13.0f}")
+        print(f"{side:10} {r['median']:>14.2f} {steps:>30} {r['wall_s']:>8.1f} {r['peak']:>13.0f}")
     ours, theirs = results["alignkit"], results["trl"]
     print(f"TRL / alignkit: time per step x{theirs['median'] / ours['median']:.2f}; "
-          f"peak memory alignkit / TRL x{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}; episodes/s "
-          f"{PROMPTS / ours['median']:.2f} vs {PROMPTS / theirs['median']:.2f}")
+          f"peak memory alignkit / TRL x{ours['peak'] / theirs['peak']:.2f}; episodes/s "
+          f"{b.prompts / ours['median']:.2f} vs {b.prompts / theirs['median']:.2f}")
     phases = ours["phases"]
     print("alignkit phases (median s, steps 2-): " + ", ".join(
         f"{k} {statistics.median(v[1:] or v):.2f}" for k, v in phases.items()))
     if ours.get("sampler_gap"):
         print(f"alignkit sampler/logprob_gap (mean over steps): {statistics.mean(ours['sampler_gap']):.4f}")
-    if args.recommended:
+    if b.recommended:
         print(f"held-out score ({HELD_OUT} red-team test prompts, the reward model): alignkit "
               f"{ours['held_out']:.4f}, TRL {theirs['held_out']:.4f}")
     return 0

@@ -261,3 +261,40 @@ def test_a_lora_policys_sampler_copy_is_merged_and_follows_the_adapter(tok):
         assert kl(expected, got) < 0.01  # bf16 rounding of W + B A s (measured 1e-4 to 4e-3)
         if before is not None:  # the adapter moved the distribution; the copy moved with it
             assert kl(expected, before) > 5 * kl(expected, got)
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_a_model_whose_distribution_is_not_finite_stops_sampling_with_the_rows_named(tok, do_sample):
+    # NaN weights (a diverged update) make every logit NaN: a token "drawn" from them is noise (the
+    # inverse CDF of a NaN cumulative sum picks the last id; argmax picks the NaN's position), and a
+    # run that trained on it would report success. The loop stops at the first new token instead.
+    from alignkit.errors import NonFiniteError
+    from alignkit.rollout import decode
+
+    policy = load_causal_lm(ModelConfig(name="tiny:llama", seed=3), trainable=False, tokenizer=tok).eval()
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    gen = GenerationConfig(max_new_tokens=4, do_sample=do_sample)
+    tokens, _ = decode(policy, ids, (ids != 0).long(), gen, None)  # finite: four tokens per row
+    assert tokens.shape == (2, 4)
+    with torch.no_grad():
+        policy.lm_head.weight[7].fill_(float("nan"))  # logit 7 of every row is NaN (and token 7's embedding)
+    with pytest.raises(NonFiniteError, match=r"not finite at new token 1 of row\(s\) \[0, 1\]"):
+        decode(policy, ids, (ids != 0).long(), gen, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled static-cache step runs on CUDA only")
+def test_the_compiled_static_cache_step_on_cuda_samples_as_the_dynamic_cache(tok):
+    # On CUDA a static cache's decoding steps run compiled (CUDA graphs). In the same precision
+    # they must draw the same tokens with the same recorded log-probs as the eager dynamic cache,
+    # on the first call (recording) and the next (replaying), with rows of different lengths.
+    from alignkit.rollout import decode, row_uniforms
+
+    policy = load_causal_lm(ModelConfig(name="tiny:llama", seed=3), trainable=False, tokenizer=tok).cuda().eval()
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]], device="cuda")
+    attn = (ids != 0).long()
+    u = row_uniforms(4, [(0, i) for i in range(3)], 12)
+    dynamic = decode(policy, ids, attn, GenerationConfig(max_new_tokens=12), None, u)
+    for _ in range(2):
+        static = decode(policy, ids, attn, GenerationConfig(max_new_tokens=12, cache="static"), None, u)
+        assert torch.equal(static[0], dynamic[0])
+        torch.testing.assert_close(static[1], dynamic[1], atol=1e-4, rtol=0)

@@ -32,5 +32,10 @@ class DataError(AlignkitError):
         super().__init__(f"{where}: {problem}")
 
 
+class NonFiniteError(AlignkitError):
+    """A non-finite score, loss, gradient or next-token distribution: the run stops before it can
+    corrupt the weights or train on garbage."""
+
+
 class NotBuiltError(AlignkitError):
     """A stage that exists in the CLI but is not implemented yet."""

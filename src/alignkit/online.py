@@ -16,11 +16,11 @@ import torch
 from alignkit.config import DataConfig
 from alignkit.data.collate import encode_prompts
 from alignkit.data.formats import load_prompts
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, NonFiniteError
 from alignkit.rewards.combine import call_reward
 from alignkit.rollout import Rollout
 from alignkit.runs import RunDir, read_metrics
-from alignkit.training import NonFiniteError, SingleProcess, epoch_order
+from alignkit.training import SingleProcess, epoch_order
 
 
 def load_prompt_set(d: DataConfig, tok, context: int | None = None,

@@ -39,6 +39,7 @@ from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from alignkit.config import GenerationConfig
 from alignkit.data.collate import encode_prompt, pad
+from alignkit.errors import NonFiniteError
 
 Messages = list[dict]
 
@@ -228,7 +229,9 @@ def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationCon
                                   warpers)
             logprobs[rows, t] = logprob
         else:
-            token = logits.argmax(-1)
+            token, logprob = logits.argmax(-1), logits.amax(-1)  # amax: NaN if the row has one
+        if not bool(torch.isfinite(logprob).all()):
+            _not_finite(model, rows[~torch.isfinite(logprob)], t)
         tokens[rows, t] = token
         ran = t + 1
         if (deadline is not None and time.monotonic() > deadline) or (stop is not None and stop.is_set()):
@@ -245,6 +248,16 @@ def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationCon
         mask[:, width] = 1
         inputs, positions, width = token[:, None], positions[:, -1:] + 1, width + 1
     return tokens[:, :ran], logprobs[:, :ran]
+
+
+def _not_finite(model, rows: torch.Tensor, step: int):
+    """Stop a rollout whose next-token distribution is NaN or inf: a token drawn from it is noise, and
+    training on it would report a run that learned nothing (or corrupt the weights)."""
+    dtype = next(model.parameters()).dtype
+    hint = (" (the sampler's float16 copy overflows: generation.dtype=bfloat16 or auto)" if dtype == torch.float16
+            else " (NaN or inf in the weights or activations: a diverged update, or a bad checkpoint)")
+    raise NonFiniteError(f"sampling: the model's next-token distribution is not finite at new token {step + 1} "
+                         f"of row(s) {rows.tolist()[:8]}{hint}")
 
 
 def _sample(model, tokenizer, seqs: list[list[int]], keys: list[tuple[int, ...]], gen: GenerationConfig,

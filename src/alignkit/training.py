@@ -58,14 +58,10 @@ from typing import Any
 import torch
 
 from alignkit.config import TrainConfig
-from alignkit.errors import AlignkitError, ConfigError
+from alignkit.errors import AlignkitError, ConfigError, NonFiniteError
 from alignkit.runs import MetricsLogger, RunDir, clear_run, done_step, progress, set_seed
 
 CHECKPOINT_META = "meta.json"
-
-
-class NonFiniteError(AlignkitError):
-    """A non-finite score, loss or gradient: the run stops before it can corrupt the weights."""
 
 
 # --------------------------------------------------------------------------- optimizer, schedule, data order
