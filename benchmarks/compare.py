@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/compare.py                      # all parts, about an hour on 2 CPU cores
     .venv/bin/python benchmarks/compare.py --parts dpo,rm-minilm --steps 8
     .venv/bin/python benchmarks/compare.py --parts generation --batches 8,32,64
+    python3 benchmarks/compare.py --gpu --model /tmp/smollm2-shaped --parts grpo-bf16,dpo --steps 6
 
 Each side runs in a child process of this one, one after the other, so that peak memory
 (resident set size; the device's allocator on a GPU) is its own, on the same model,
@@ -27,6 +28,13 @@ data, batch size, lengths, precision (fp32) and number of optimizer steps:
 - ``generation``: tokens per second of alignkit's sampler against plain
   ``model.generate(do_sample=True)`` from the same distribution, SmolLM2-135M's shape, batch
   8, 32 and 64, fp32 and bf16 (``benchmarks/generation.py``).
+
+``--gpu`` runs both sides on CUDA with bf16 autocast (TRL's ``bf16=True``, alignkit's
+``train.mixed_precision=bf16``; ``grpo-bf16`` then samples from alignkit's bf16 copy with a
+static KV cache), GRPO at 16 prompts x 4 answers of 128 tokens and PPO at 64 prompts x 128
+tokens; peak memory is then the most the CUDA allocator held, utilisation is against the bf16
+matmul rate. ``--model`` replaces SmolLM2 with a folder (``benchmarks/shapes.py model`` writes
+its exact shape with random weights, for a machine the built-in package cannot reach).
 
 Utilisation: for DPO and the reward models, the FLOPs a step needs (torch's
 ``FlopCounterMode`` over the trained model's forward and backward on the step's rows at
@@ -61,10 +69,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICY = "builtin:smollm2-135m-instruct"
+# --gpu and --model reach the child processes through the environment, as the checkpointing switch does
+GPU = os.environ.get("COMPARE_GPU", "0") == "1"
+POLICY = os.environ.get("COMPARE_MODEL") or "builtin:smollm2-135m-instruct"
 ENCODER = "builtin:minilm-l6"
 MAX_LENGTH, LR, BETA, LORA_R, LORA_ALPHA = 128, 1e-5, 0.1, 16, 32
 GRADIENT_CHECKPOINTING = os.environ.get("COMPARE_GRADIENT_CHECKPOINTING", "0") == "1"
+# alignkit's precision on a GPU; TRL's is bf16=True there
+GPU_SET = ["train.mixed_precision=bf16"] if GPU else []
 SETTINGS = {  # part -> (model, lora, batch size)
     "dpo": (POLICY, True, 4),
     "grpo": (POLICY, True, 8),
@@ -79,6 +91,7 @@ SETTINGS = {  # part -> (model, lora, batch size)
 # (b) each library's recommended set-up for a LoRA policy, with the held-out score
 PPO_PARTS = {"ppo": [], "ppo-lora": ["--lora"], "ppo-recommended": ["--recommended"]}
 PPO_STEPS = 4
+PPO_GPU_SIZES = ["--prompts", "64", "--tokens", "128", "--minibatch", "16"]
 
 
 def write_pairs(path: Path, n: int) -> None:
@@ -96,14 +109,15 @@ def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
 
     model, lora, batch = SETTINGS[part]
     if part.startswith("grpo"):
-        return _alignkit_grpo(steps, out, ["generation.dtype=bfloat16"] if part == "grpo-bf16" else [])
+        bf16_sampler = ["generation.dtype=bfloat16"] + (["generation.cache=static"] if GPU else [])
+        return _alignkit_grpo(steps, out, bf16_sampler if part == "grpo-bf16" else [])
     stage = "dpo" if part == "dpo" else "rm"
     overrides = [f"model.name={model}", f"model.lora.enabled={str(lora).lower()}", f"model.lora.r={LORA_R}",
                  f"model.lora.alpha={LORA_ALPHA}", f"data.path={pairs}", "data.eval_fraction=0",
                  f"data.max_length={MAX_LENGTH}", f"train.batch_size={batch}", "train.grad_accum=1",
                  f"train.max_steps={steps}", f"train.learning_rate={LR}", "train.save_every=0", "train.log_every=1",
                  f"run.output_dir={out}", "run.name=bench",
-                 f"train.gradient_checkpointing={str(GRADIENT_CHECKPOINTING).lower()}"]
+                 f"train.gradient_checkpointing={str(GRADIENT_CHECKPOINTING).lower()}", *GPU_SET]
     if stage == "dpo":
         from alignkit.recipes import dpo as recipe
 
@@ -116,7 +130,8 @@ def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
     return {"step_s": [r["time/step"] for r in rows if "time/step" in r]}
 
 
-GRPO_PROMPTS, GRPO_G, GRPO_TOKENS, GRPO_TEMPERATURE, GRPO_BETA, LENGTH_TARGET = 4, 4, 40, 0.7, 0.04, 40
+GRPO_PROMPTS, GRPO_G, GRPO_TOKENS = (16, 4, 128) if GPU else (4, 4, 40)
+GRPO_TEMPERATURE, GRPO_BETA, LENGTH_TARGET = 0.7, 0.04, 40
 
 
 def grpo_prompts(n: int) -> list[str]:
@@ -138,7 +153,7 @@ def _alignkit_grpo(steps: int, out: Path, extra: list[str]) -> dict:
                  f"rl.prompts_per_step={GRPO_PROMPTS}", f"rl.samples_per_prompt={GRPO_G}",
                  f"rl.minibatch_size={GRPO_PROMPTS * GRPO_G}", "train.grad_accum=2", "rl.epochs=1",
                  f"rl.kl_coef={GRPO_BETA}", f"train.learning_rate={LR}", "train.save_every=0",
-                 f"run.output_dir={out}", "run.name=bench", *extra]
+                 f"run.output_dir={out}", "run.name=bench", *GPU_SET, *extra]
     rl.main(load_config(rl.Config, None, overrides))
     rows = read_metrics(out / "bench" / "rl")
     gaps = [r["sampler/logprob_gap"] for r in rows if r.get("sampler/logprob_gap") is not None]
@@ -173,7 +188,7 @@ def _trl_grpo(steps: int, out: Path) -> dict:
                       gradient_accumulation_steps=2, num_generations=GRPO_G, max_completion_length=GRPO_TOKENS,
                       temperature=GRPO_TEMPERATURE, top_k=0, top_p=1.0, beta=GRPO_BETA, num_iterations=1,
                       learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_steps=steps,
-                      report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, bf16=False, fp16=False,
+                      report_to=[], save_strategy="no", logging_steps=1, use_cpu=not GPU, bf16=GPU, fp16=False,
                       seed=0, dataloader_num_workers=0, gradient_checkpointing=GRADIENT_CHECKPOINTING,
                       disable_dropout=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -209,8 +224,8 @@ def run_trl(part: str, pairs: Path, steps: int, out: Path) -> dict:
                               task_type="CAUSAL_LM" if part == "dpo" else "SEQ_CLS") if lora else None)
     common = dict(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                   max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-                  max_length=MAX_LENGTH, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
-                  bf16=False, fp16=False, seed=0, dataloader_num_workers=0,
+                  max_length=MAX_LENGTH, report_to=[], save_strategy="no", logging_steps=1, use_cpu=not GPU,
+                  bf16=GPU, fp16=False, seed=0, dataloader_num_workers=0,
                   # as alignkit: DPO without dropout (as its RL stages), reward models with the model's own
                   disable_dropout=part == "dpo",
                   # TRL turns it on by default; the same work means the same setting on both sides
@@ -260,6 +275,10 @@ def child(side: str, part: str, pairs: Path, steps: int) -> None:
             t0 = time.perf_counter()
             result = (run_alignkit if side == "alignkit" else run_trl)(part, pairs, steps, Path(out))
             result["run_s"] = time.perf_counter() - t0
+        if GPU:
+            import torch
+
+            result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -273,7 +292,7 @@ def launch(side: str, part: str, pairs: Path, steps: int) -> dict:
     if os.waitstatus_to_exitcode(status):
         raise RuntimeError(f"{part}: {side} failed")
     result = json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
-    result["peak_mib"] = usage.ru_maxrss / 1024
+    result["peak_mib"] = result.pop("peak_cuda_mib", usage.ru_maxrss / 1024)  # on a GPU, the device's
     return result
 
 
@@ -281,19 +300,25 @@ def launch(side: str, part: str, pairs: Path, steps: int) -> dict:
 
 
 def matmul_peak() -> float:
-    """The machine's fp32 matmul rate in FLOP/s: the best of 2048 x 2048 products, timed here."""
+    """The machine's matmul rate in FLOP/s: the best of 2048 x 2048 fp32 products timed here (on a GPU,
+    8192 x 8192 in bf16)."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    n, kw = (8192, dict(device="cuda", dtype=torch.bfloat16)) if GPU else (2048, {})
+    a, b = torch.randn(n, n, **kw), torch.randn(n, n, **kw)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(5):
+        if GPU:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(5):
             a @ b
+        if GPU:
+            torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - t0) / 5)
-    return 2 * 2048 ** 3 / best
+    return 2 * n ** 3 / best
 
 
 def step_shape(part: str, pairs: Path, steps: int) -> tuple[int, float]:
@@ -353,7 +378,8 @@ def training_part(part: str, steps: int, tmp: Path, peak: float) -> str:
                f"{flops / med['trl'] / peak:4.0%} of matmul peak")
     elif res["alignkit"].get("sampler_gap") is not None:
         use = f"  sampler/logprob_gap {res['alignkit']['sampler_gap']:.4f}"
-    return (f"{part:<11} {model.removeprefix('builtin:'):<24} {'LoRA' if lora else 'full':<5} batch {batch}  "
+    name = model.removeprefix("builtin:") if model.startswith("builtin:") else Path(model).name
+    return (f"{part:<11} {name:<24} {'LoRA' if lora else 'full':<5} batch {batch}  "
             f"s/step {med['alignkit']:6.3f} vs {med['trl']:6.3f}  x{med['trl'] / med['alignkit']:4.2f} faster  "
             f"run {res['alignkit']['run_s']:6.1f} vs {res['trl']['run_s']:6.1f} s  "
             f"peak {res['alignkit']['peak_mib']:6.0f} vs {res['trl']['peak_mib']:6.0f} MiB "
@@ -366,10 +392,16 @@ def main() -> int:
                    help="also: ppo-lora, grpo-bf16 (alignkit samples from a bf16 copy, TRL in fp32)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per side (the first is warm-up)")
     p.add_argument("--batches", default="8,32,64", help="generation: batch sizes")
+    p.add_argument("--gpu", action="store_true", help="both sides on CUDA in bf16 autocast, larger batches")
+    p.add_argument("--model", help="a folder to use instead of SmolLM2 (e.g. from benchmarks/shapes.py)")
     p.add_argument("--side", choices=("alignkit", "trl", "flops"), help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not args.side and (args.gpu != GPU or (args.model or "") != os.environ.get("COMPARE_MODEL", "")):
+        # this module's settings are read from the environment at import: start again with them set there
+        os.environ.update(COMPARE_GPU="1" if args.gpu else "0", COMPARE_MODEL=args.model or "")
+        os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
     if args.side:
         child(args.side, args.part, args.pairs, args.steps)
         return 0
@@ -391,21 +423,25 @@ def main() -> int:
                 print(f"running {part} ...", flush=True)
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
                 done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ppo_vs_trl.py"), "--steps",
-                                       str(PPO_STEPS), *PPO_PARTS[part]], env=env, capture_output=True, text=True)
+                                       str(PPO_STEPS), "--model", POLICY, *PPO_PARTS[part],
+                                       *(["--gpu", *PPO_GPU_SIZES] if GPU else [])],
+                                      env=env, capture_output=True, text=True)
                 table = done.stdout[done.stdout.find("\nPPO on"):].strip() if done.returncode == 0 else ""
                 lines.append(f"{part}:\n{table}" if table else f"{part:<11} FAILED: {done.stderr.strip()[-300:]}")
                 print(lines[-1], flush=True)
             elif part == "generation":
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
                 done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--smollm2-shape",
-                                       "--batches", args.batches, "--new-tokens", "64", "--dtypes",
-                                       "float32,bfloat16", "--repeats", "2"],
+                                       "--batches", args.batches, "--new-tokens", "128" if GPU else "64", "--dtypes",
+                                       "float32,bfloat16", "--caches", "dynamic,static" if GPU else "dynamic",
+                                       "--repeats", "2"],
                                       env=env, capture_output=True, text=True)
                 lines.append("generation (alignkit sampler vs plain generate):\n" + done.stdout.strip())
             else:
                 raise SystemExit(f"compare: unknown part {part!r}")
-    print(f"\nalignkit vs TRL, fp32, {args.steps} steps per side; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    where = "CUDA, bf16 autocast" if GPU else f"fp32, {os.cpu_count()} CPUs"
+    print(f"\nalignkit vs TRL on {POLICY.removeprefix('builtin:')}, {where}, {args.steps} steps per side; "
+          f"load average {os.getloadavg()[0]:.1f}; {'bf16' if GPU else 'fp32'} matmul peak {peak / 1e9:.0f} GFLOP/s")
     print("\n".join(lines))
     return 0
 

@@ -11,30 +11,39 @@ set -uo pipefail
 OUT=${OUT:-gpu-out}
 TOKENIZER=${TOKENIZER:-.gpu/smollm2-tokenizer}
 SHAPED=${SHAPED:-/tmp/smollm2-shaped}
+BUDGET=${BUDGET:-570}  # seconds for the whole script: a device command may run 600
 mkdir -p "$OUT"
+# part NAME LIMIT COMMAND...: run with LIMIT seconds or what is left of the budget, whichever is less
+part() {
+  local name=$1 limit=$2 left=$((BUDGET - SECONDS)); shift 2
+  if [ "$left" -lt 30 ]; then echo "skipped: out of time" > "$OUT/$name.txt"; return; fi
+  timeout $((limit < left ? limit : left)) "$@" > "$OUT/$name.txt" 2>&1
+}
 export ALIGNKIT_NO_PROGRESS=1 TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers, accelerate, trl; print(torch.__version__, transformers.__version__,
 accelerate.__version__, trl.__version__)" >> "$OUT/gpu.txt" 2>&1
 
 # 0. SmolLM2-135M's exact shape and tokenizer, random weights
-timeout 60 python3 benchmarks/shapes.py model "$SHAPED" --tokenizer "$TOKENIZER" > "$OUT/shapes.txt" 2>&1
+part shapes 60 python3 benchmarks/shapes.py model "$SHAPED" --tokenizer "$TOKENIZER"
 
 # 1. sampling at batch 64 x 128 tokens: alignkit's sampler against plain generate, dynamic and
 #    static KV cache, fp32 and bf16 (the "vs fp32 plain" column is today's rollout path)
-timeout 45 python3 benchmarks/generation.py --smollm2-shape --batches 64 --new-tokens 128 \
-  --dtypes float32,bfloat16 --caches dynamic --repeats 1 > "$OUT/generation.txt" 2>&1
-timeout 80 python3 benchmarks/generation.py --smollm2-shape --batches 64 --new-tokens 128 \
-  --dtypes float32,bfloat16 --caches static --repeats 2 > "$OUT/generation-static.txt" 2>&1
+part generation 45 python3 benchmarks/generation.py --smollm2-shape --batches 64 --new-tokens 128 \
+  --dtypes float32,bfloat16 --caches dynamic --repeats 1
+part generation-static 80 python3 benchmarks/generation.py --smollm2-shape --batches 64 --new-tokens 128 \
+  --dtypes float32,bfloat16 --caches static --repeats 2
 
 # 2. PPO against TRL 1.12 in each library's recommended set-up, bf16 on CUDA, 64 prompts x 128 tokens
-timeout 200 python3 benchmarks/ppo_vs_trl.py --recommended --gpu --model "$SHAPED" --prompts 64 --tokens 128 \
-  --minibatch 16 --steps 4 > "$OUT/ppo-recommended.txt" 2>&1
+part ppo-recommended 200 python3 benchmarks/ppo_vs_trl.py --recommended --gpu --model "$SHAPED" --prompts 64 \
+  --tokens 128 --minibatch 16 --steps 4
 
 # 3. the sampler's tests with CUDA visible (the compiled static-cache step against the dynamic cache)
-timeout 60 python3 -m pytest -q -n 4 -p no:cacheprovider -W ignore tests/test_rollout.py > "$OUT/pytest.txt" 2>&1
+part pytest 60 python3 -m pytest -q -n 4 -p no:cacheprovider -W ignore tests/test_rollout.py
 
-# 4. PPO equal work (separate value model, full fine-tuning), bf16 on CUDA
-timeout 120 python3 benchmarks/ppo_vs_trl.py --gpu --model "$SHAPED" --prompts 64 --tokens 128 --minibatch 16 \
-  --steps 3 > "$OUT/ppo-equal.txt" 2>&1
+# 4. GRPO against the current TRL (16 prompts x 4 answers of 128 tokens), alignkit sampling from its
+#    bf16 copy with a static cache; then PPO with equal work (separate value model, full fine-tuning)
+part grpo 120 python3 benchmarks/compare.py --gpu --model "$SHAPED" --parts grpo-bf16 --steps 5
+part ppo-equal 120 python3 benchmarks/ppo_vs_trl.py --gpu --model "$SHAPED" --prompts 64 --tokens 128 \
+  --minibatch 16 --steps 3
 tail -n 8 "$OUT"/*.txt
