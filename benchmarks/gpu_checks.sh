@@ -31,11 +31,11 @@ part shapes 60 python3 benchmarks/shapes.py model "$SHAPED" --tokenizer "$TOKENI
 #    static KV cache, fp32 and bf16 (the "vs fp32 plain" column is today's rollout path)
 part generation 45 python3 benchmarks/generation.py --smollm2-shape --batches 64 --new-tokens 128 \
   --dtypes float32,bfloat16 --caches dynamic --repeats 1
-part generation-static 80 python3 benchmarks/generation.py --smollm2-shape --batches 64 --new-tokens 128 \
+part generation-static 150 python3 benchmarks/generation.py --smollm2-shape --batches 64 --new-tokens 128 \
   --dtypes float32,bfloat16 --caches static --repeats 2
 
 # 2. PPO against TRL 1.12 in each library's recommended set-up, bf16 on CUDA, 64 prompts x 128 tokens
-part ppo-recommended 200 python3 benchmarks/ppo_vs_trl.py --recommended --gpu --model "$SHAPED" --prompts 64 \
+part ppo-recommended 240 python3 benchmarks/ppo_vs_trl.py --recommended --gpu --model "$SHAPED" --prompts 64 \
   --tokens 128 --minibatch 16 --steps 4
 
 # 3. the sampler's tests with CUDA visible (the compiled static-cache step against the dynamic cache)

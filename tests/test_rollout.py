@@ -282,6 +282,28 @@ def test_a_model_whose_distribution_is_not_finite_stops_sampling_with_the_rows_n
         decode(policy, ids, (ids != 0).long(), gen, None)
 
 
+def test_a_static_cache_rounds_the_prompt_width_up_so_that_rollouts_share_shapes(tok):
+    # The compiled step (CUDA) compiles once per shape. Prompts of 4 and of 6 columns both run on
+    # STATIC_BUCKET = 64 prompt columns (the extra ones left padding, masked), and the tokens and
+    # log-probs are those of the unpadded prompt.
+    from alignkit.rollout import STATIC_BUCKET, decode, row_uniforms
+
+    policy = load_causal_lm(ModelConfig(name="tiny:llama", seed=3), trainable=False, tokenizer=tok).eval()
+    widths = []
+    policy.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["attention_mask"].shape[1]),
+                                     with_kwargs=True)
+    narrow = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    wide = torch.cat([torch.zeros(2, 2, dtype=torch.long), narrow], 1)  # the same prompts, 2 more pad columns
+    u = row_uniforms(4, [(0, i) for i in range(2)], 5)
+    runs = [decode(policy, ids, (ids != 0).long(), GenerationConfig(max_new_tokens=5, cache="static"), None, u)
+            for ids in (narrow, wide)]
+    assert widths == [STATIC_BUCKET + 5] * 10  # 5 steps per call, every one on the full static width
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-5, rtol=0)
+    dynamic = decode(policy, narrow, (narrow != 0).long(), GenerationConfig(max_new_tokens=5), None, u)
+    assert torch.equal(dynamic[0], runs[0][0])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled static-cache step runs on CUDA only")
 def test_the_compiled_static_cache_step_on_cuda_samples_as_the_dynamic_cache(tok):
     # On CUDA a static cache's decoding steps run compiled (CUDA graphs). In the same precision

@@ -182,6 +182,28 @@ def compiled_step(model):
     return _COMPILED[model]
 
 
+# A static cache's prompt columns are rounded up to a multiple of this (more left padding, masked):
+# rollouts whose longest prompts differ then share shapes, and a compiled step compiles once per
+# bucket instead of once per rollout.
+STATIC_BUCKET = 64
+_STATIC_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def static_cache(model, batch: int, length: int, device: torch.device):
+    """A static KV cache of ``length`` positions for ``model``; on CUDA one per (batch, length), reset and
+    reused: the compiled step's CUDA graphs are recorded for its tensors' addresses."""
+    from transformers import StaticCache
+
+    if device.type != "cuda":
+        return StaticCache(config=model.config, max_cache_len=length)
+    caches = _STATIC_CACHES.setdefault(model, {})
+    if (batch, length) in caches:
+        caches[batch, length].reset()
+    else:
+        caches[batch, length] = StaticCache(config=model.config, max_cache_len=length)
+    return caches[batch, length]
+
+
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationConfig, eos: int | None,
            uniforms: torch.Tensor | None = None, every_step: bool = False, max_time: float | None = None,
@@ -194,20 +216,24 @@ def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationCon
     ``tokens`` is filler. Once every row is done the loop ends, and with the dynamic
     cache done rows leave the batch, so the cost follows the live rows.
     ``every_step`` runs all steps on the whole batch (processes whose sharded
-    weights gather in each forward must all run the same forwards). ``max_time``
+    weights gather in each forward must all run the same forwards). A static cache
+    runs on prompts left-padded to a multiple of ``STATIC_BUCKET`` columns. ``max_time``
     (seconds) and ``stop`` (an event) end it early: the columns are then the steps
     run so far.
     """
     import time
 
-    from transformers import DynamicCache, StaticCache
+    from transformers import DynamicCache
 
+    static = gen.cache == "static"
+    if static and ids.shape[1] % STATIC_BUCKET:
+        extra = STATIC_BUCKET - ids.shape[1] % STATIC_BUCKET
+        ids, attention = F.pad(ids, (extra, 0), value=0), F.pad(attention, (extra, 0), value=0)
     B, P = ids.shape
     steps, device = gen.max_new_tokens, ids.device
     warpers = ([TopKLogitsWarper(gen.top_k)] if gen.top_k else []) + ([TopPLogitsWarper(gen.top_p)]
                                                                       if gen.top_p < 1 else [])
-    static = gen.cache == "static"
-    cache = StaticCache(config=model.config, max_cache_len=P + steps) if static else DynamicCache(config=model.config)
+    cache = static_cache(model, B, P + steps, device) if static else DynamicCache(config=model.config)
     mask = torch.zeros(B, P + steps, dtype=attention.dtype, device=device)
     mask[:, :P] = attention
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
