@@ -304,6 +304,33 @@ def test_a_static_cache_rounds_the_prompt_width_up_so_that_rollouts_share_shapes
     assert torch.equal(dynamic[0], runs[0][0])
 
 
+def test_the_decoding_loop_passes_the_cache_by_the_name_the_models_forward_takes(tok):
+    # transformers renamed forward's past_key_values to cache. A model whose forward still takes
+    # past_key_values (an older transformers) must get its cache by that name: passed as cache=
+    # it would vanish into **kwargs and each step would see one token without its context.
+    from transformers import LlamaForCausalLM
+
+    from alignkit.rollout import cache_kwarg, decode, row_uniforms
+
+    class OlderForward(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0, **kwargs):
+            assert "cache" not in kwargs
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+    policy = load_causal_lm(ModelConfig(name="tiny:llama", seed=3), trainable=False, tokenizer=tok).eval()
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    u = row_uniforms(4, [(0, i) for i in range(2)], 6)
+    expected = decode(policy, ids, (ids != 0).long(), GenerationConfig(max_new_tokens=6), None, u)
+    assert cache_kwarg(policy) == "cache"
+    policy.__class__ = OlderForward
+    assert cache_kwarg(policy) == "past_key_values"
+    got = decode(policy, ids, (ids != 0).long(), GenerationConfig(max_new_tokens=6), None, u)
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], atol=1e-6, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled static-cache step runs on CUDA only")
 def test_the_compiled_static_cache_step_on_cuda_samples_as_the_dynamic_cache(tok):
     # On CUDA a static cache's decoding steps run compiled (CUDA graphs). In the same precision

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -182,6 +183,14 @@ def compiled_step(model):
     return _COMPILED[model]
 
 
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` in newer transformers,
+    ``past_key_values`` in older ones (there ``cache=`` would vanish into ``**kwargs`` and every
+    step would see its one new token without the context)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 # A static cache's prompt columns are rounded up to a multiple of this (more left padding, masked):
 # rollouts whose longest prompts differ then share shapes, and a compiled step compiles once per
 # bucket instead of once per rollout.
@@ -234,6 +243,7 @@ def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationCon
     warpers = ([TopKLogitsWarper(gen.top_k)] if gen.top_k else []) + ([TopPLogitsWarper(gen.top_p)]
                                                                       if gen.top_p < 1 else [])
     cache = static_cache(model, B, P + steps, device) if static else DynamicCache(config=model.config)
+    cache_arg = cache_kwarg(model)
     mask = torch.zeros(B, P + steps, dtype=attention.dtype, device=device)
     mask[:, :P] = attention
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -248,8 +258,8 @@ def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationCon
     for t in range(steps):
         # a static cache takes the whole-width mask: every decoding step has the same shapes
         logits = (step if t else model)(input_ids=inputs, attention_mask=mask if static else mask[:, :width],
-                                        position_ids=positions, cache=cache, use_cache=True,
-                                        logits_to_keep=1).logits[:, -1]
+                                        position_ids=positions, use_cache=True, logits_to_keep=1,
+                                        **{cache_arg: cache}).logits[:, -1]
         if gen.do_sample:
             token, logprob = draw(logits, gen.temperature, None if uniforms is None else uniforms[rows.cpu(), t],
                                   warpers)
