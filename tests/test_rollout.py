@@ -304,6 +304,27 @@ def test_a_static_cache_rounds_the_prompt_width_up_so_that_rollouts_share_shapes
     assert torch.equal(dynamic[0], runs[0][0])
 
 
+def test_rows_that_repeat_a_prompt_share_one_prefill_and_sample_as_if_alone(tok):
+    # GRPO samples each prompt G times: the prompt's prefill runs once and its cache rows are
+    # copied. Each row still draws its own tokens from its own uniforms, exactly as alone.
+    from alignkit.rollout import decode, row_uniforms
+
+    policy = load_causal_lm(ModelConfig(name="tiny:llama", seed=3), trainable=False, tokenizer=tok).eval()
+    a, b = [0, 5, 6, 7], [9, 10, 11, 12]
+    ids = torch.tensor([a, b, a, a])
+    u = row_uniforms(4, [(0, i) for i in range(4)], 6)
+    sizes = []
+    policy.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape), with_kwargs=True)
+    tokens, logprobs = decode(policy, ids, (ids != 0).long(), GenerationConfig(max_new_tokens=6), None, u)
+    assert sizes[0] == (2, 4) and sizes[1:] == [(4, 1)] * 5  # one prefill row per distinct prompt
+    assert len({tuple(r) for r in tokens[[0, 2, 3]].tolist()}) > 1  # the same prompt, different draws
+    for i in range(4):
+        alone = decode(policy, ids[i:i + 1], (ids[i:i + 1] != 0).long(), GenerationConfig(max_new_tokens=6), None,
+                       u[i:i + 1])
+        assert torch.equal(alone[0][0], tokens[i])
+        torch.testing.assert_close(alone[1][0], logprobs[i], atol=1e-5, rtol=0)
+
+
 def test_the_decoding_loop_passes_the_cache_by_the_name_the_models_forward_takes(tok):
     # transformers renamed forward's past_key_values to cache. A model whose forward still takes
     # past_key_values (an older transformers) must get its cache by that name: passed as cache=
