@@ -125,29 +125,37 @@ def sampler_model(model, gen: GenerationConfig, engine=None):
     dtype = getattr(torch, gen.dtype)
     twin = _SAMPLER_COPIES.get(model)
     if twin is None:
-        twin = copy.deepcopy(model)
+        # copied in its precision from the start (the weights only: buffers such as RoPE frequencies stay
+        # as they are); deep-copying first would hold a whole fp32 copy for a moment, which a CPU's
+        # allocator may keep (540 MB for SmolLM2, where the bf16 copy is 270 MB)
+        memo = {id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+                for p in model.parameters() if p.is_floating_point()}
+        twin = copy.deepcopy(model, memo)
         twin = twin.merge_and_unload() if is_peft(twin) else twin
         twin = _SAMPLER_COPIES[model] = twin.eval().requires_grad_(False)
-        for param in twin.parameters():  # the weights only: buffers (RoPE frequencies) stay as they are
-            param.data = param.data.to(dtype) if param.is_floating_point() else param.data
-    else:
-        weights = _merged_weights(model) if is_peft(model) else dict(model.named_parameters())
-        for name, param in twin.named_parameters():
-            param.copy_(weights[name])
+    _sync_weights(twin, model)
     return twin
 
 
-def _merged_weights(peft_model) -> dict[str, torch.Tensor]:
-    """A LoRA model's weights by the names of its merged plain model: ``W + B A s`` for adapted layers."""
-    from peft.tuners.lora import LoraLayer
+def _sync_weights(twin, model) -> None:
+    """Copy ``model``'s weights into its plain ``twin``, one tensor at a time (no second whole copy at any
+    moment); a LoRA model's adapted layers as their merged ``W + B A s``, computed in the trainer's
+    precision."""
+    from alignkit.models import is_peft
 
-    inner = peft_model.base_model.model
-    weights = dict(inner.named_parameters())
-    for name, module in inner.named_modules():
-        if isinstance(module, LoraLayer):
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-            weights[f"{name}.weight"] = module.base_layer.weight + delta
-    return weights
+    inner = model.base_model.model if is_peft(model) else model
+    source = dict(inner.named_parameters())
+    adapted = {}
+    if is_peft(model):
+        from peft.tuners.lora import LoraLayer
+
+        adapted = {f"{name}.weight": m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    for name, param in twin.named_parameters():
+        layer = adapted.get(name)
+        if layer is None:
+            param.copy_(source[name])
+        else:
+            param.copy_(sum((layer.get_delta_weight(a) for a in layer.active_adapters), layer.base_layer.weight))
 
 
 def sampler_mismatch(rollout: "Rollout") -> dict[str, float]:
