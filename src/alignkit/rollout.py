@@ -195,7 +195,14 @@ def cache_kwarg(model) -> str:
     """The keyword a model's forward takes its KV cache by: ``cache`` in newer transformers,
     ``past_key_values`` in older ones (there ``cache=`` would vanish into ``**kwargs`` and every
     step would see its one new token without the context)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model
+    while True:  # through PEFT's and DDP's wrappers to the transformers model
+        if hasattr(base, "get_base_model"):
+            base = base.get_base_model()
+        elif isinstance(getattr(base, "module", None), torch.nn.Module):
+            base = base.module
+        else:
+            break
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
@@ -270,11 +277,11 @@ def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationCon
     shared = None if static else _shared_prompts(ids, attention)
     for t in range(steps):
         if t == 0 and shared is not None:
-            distinct, shared = shared
+            distinct, copies = shared
             logits = model(input_ids=ids[distinct], attention_mask=mask[distinct, :width],
                            position_ids=positions[distinct], use_cache=True, logits_to_keep=1,
-                           **{cache_arg: cache}).logits[:, -1][shared]
-            cache.batch_select_indices(shared)
+                           **{cache_arg: cache}).logits[:, -1][copies]
+            cache.batch_select_indices(copies)
         else:  # a static cache takes the whole-width mask: every decoding step has the same shapes
             logits = (step if t else model)(input_ids=inputs, attention_mask=mask if static else mask[:, :width],
                                             position_ids=positions, use_cache=True, logits_to_keep=1,
