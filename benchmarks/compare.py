@@ -77,10 +77,12 @@ MAX_LENGTH, LR, BETA, LORA_R, LORA_ALPHA = 128, 1e-5, 0.1, 16, 32
 GRADIENT_CHECKPOINTING = os.environ.get("COMPARE_GRADIENT_CHECKPOINTING", "0") == "1"
 # alignkit's precision on a GPU; TRL's is bf16=True there
 GPU_SET = ["train.mixed_precision=bf16"] if GPU else []
+GRPO_PROMPTS, GRPO_G, GRPO_TOKENS = (16, 4, 128) if GPU else (4, 4, 40)
+GRPO_TEMPERATURE, GRPO_BETA, LENGTH_TARGET = 0.7, 0.04, 40
 SETTINGS = {  # part -> (model, lora, batch size)
     "dpo": (POLICY, True, 4),
-    "grpo": (POLICY, True, 8),
-    "grpo-bf16": (POLICY, True, 8),  # alignkit samples from its bf16 copy (gap logged); TRL as in grpo
+    "grpo": (POLICY, True, GRPO_PROMPTS * GRPO_G // 2),  # micro-batches: two per optimizer step
+    "grpo-bf16": (POLICY, True, GRPO_PROMPTS * GRPO_G // 2),  # alignkit samples from its bf16 copy; TRL as grpo
     "rm-minilm": (ENCODER, False, 8),
     "rm-smollm2": (POLICY, True, 8),
 }
@@ -128,10 +130,6 @@ def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
     recipe.main(cfg)
     rows = read_metrics(out / "bench" / stage)
     return {"step_s": [r["time/step"] for r in rows if "time/step" in r]}
-
-
-GRPO_PROMPTS, GRPO_G, GRPO_TOKENS = (16, 4, 128) if GPU else (4, 4, 40)
-GRPO_TEMPERATURE, GRPO_BETA, LENGTH_TARGET = 0.7, 0.04, 40
 
 
 def grpo_prompts(n: int) -> list[str]:
@@ -184,7 +182,7 @@ def _trl_grpo(steps: int, out: Path) -> dict:
         def on_step_end(self, *a, **kw):
             ends.append(time.perf_counter())
 
-    args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=GRPO_PROMPTS * GRPO_G // 2,
+    args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=SETTINGS["grpo"][2],
                       gradient_accumulation_steps=2, num_generations=GRPO_G, max_completion_length=GRPO_TOKENS,
                       temperature=GRPO_TEMPERATURE, top_k=0, top_p=1.0, beta=GRPO_BETA, num_iterations=1,
                       learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_steps=steps,

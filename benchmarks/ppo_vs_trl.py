@@ -56,7 +56,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = "builtin:smollm2-135m-instruct"
 TEMPERATURE, KL_COEF, LR, PPO_EPOCHS, HELD_OUT = 0.7, 0.05, 1e-5, 2, 32
-EXTRA_ENV = "PPO_VS_TRL_SET"  # how --set reaches the alignkit child
 GPU_SET = ["train.mixed_precision=bf16", "generation.dtype=bfloat16", "generation.cache=static"]
 
 
@@ -73,6 +72,7 @@ class Bench:
     minibatch: int = 8  # also the rows of each rollout forward
     gpu: bool = False
     threads: int = 0
+    overrides: tuple[str, ...] = ()  # --set: alignkit's side only
 
 
 def write_reward_model(folder: Path, policy: str) -> None:
@@ -128,8 +128,7 @@ def run_alignkit(reward_folder: Path, b: Bench, out: Path) -> dict:
         f"generation.batch_size={b.prompts}", f"ppo.steps={b.steps}", f"ppo.rollout_batch_size={b.prompts}",
         f"ppo.minibatch_size={b.minibatch}", f"ppo.ppo_epochs={PPO_EPOCHS}", f"ppo.kl.coef={KL_COEF}",
         f"train.learning_rate={LR}", "train.save_every=0", "train.log_every=1", f"run.output_dir={out}",
-        *(GPU_SET if b.gpu else []),
-        *os.environ.get(EXTRA_ENV, "").split(),  # --set: alignkit's side only
+        *(GPU_SET if b.gpu else []), *b.overrides,
     ]
     cfg = load_config(ppo.Config, None, overrides)
     ppo.main(cfg)
@@ -193,7 +192,7 @@ def run_trl(reward_folder: Path, b: Bench, out: Path) -> dict:
     start = time.perf_counter()
     trainer.train()
     marks = [start, *ends]
-    result = {"step_s": [b - a for a, b in zip(marks, marks[1:])]}
+    result = {"step_s": [t1 - t0 for t0, t1 in zip(marks, marks[1:])]}
     if b.recommended:
         policy = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model
         result["held_out"] = held_out_score(policy, tok, reward_folder, b)
@@ -261,14 +260,14 @@ def main() -> int:
     p.add_argument("--bench", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
-        child(args.side, args.reward_folder, Bench(**json.loads(args.bench)))
+        fields = json.loads(args.bench)
+        child(args.side, args.reward_folder, Bench(**{**fields, "overrides": tuple(fields["overrides"])}))
         return 0
     if args.prompts % args.minibatch:
         raise SystemExit(f"ppo_vs_trl: --minibatch {args.minibatch} must divide --prompts {args.prompts}")
     b = Bench(steps=args.steps, lora=args.lora or args.recommended, recommended=args.recommended, model=args.model,
-              prompts=args.prompts, tokens=args.tokens, minibatch=args.minibatch, gpu=args.gpu, threads=args.threads)
-    if args.set:
-        os.environ[EXTRA_ENV] = " ".join(args.set)
+              prompts=args.prompts, tokens=args.tokens, minibatch=args.minibatch, gpu=args.gpu, threads=args.threads,
+              overrides=tuple(args.set))
     if importlib.util.find_spec("trl") is None:
         raise SystemExit("ppo_vs_trl: TRL is not installed; pip install -e '.[bench]' (trl==1.12.0)")
 
@@ -283,7 +282,7 @@ def main() -> int:
             print(f"running {side} ...", flush=True)
             results[side] = launch(side, reward_folder, b)
 
-    extra = [*(GPU_SET if b.gpu else []), *args.set]
+    extra = [*(GPU_SET if b.gpu else []), *b.overrides]
     setup = ("each library's recommended set-up (alignkit: value head on the trunk; TRL: separate value model)"
              if b.recommended else "separate value model") + (f"; alignkit with {' '.join(extra)}" if extra else "")
     where = ("CUDA, bf16 autocast" if b.gpu else f"fp32, {os.cpu_count()} CPUs") + \

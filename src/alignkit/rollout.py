@@ -291,9 +291,10 @@ def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationCon
                                   warpers)
             logprobs[rows, t] = logprob
         else:
-            token, logprob = logits.argmax(-1), logits.amax(-1)  # amax: NaN if the row has one
-        if not bool(torch.isfinite(logprob).all()):
-            _not_finite(model, rows[~torch.isfinite(logprob)], t)
+            token = logits.argmax(-1)
+        finite = torch.isfinite(logprob if gen.do_sample else logits.amax(-1))  # amax: NaN if a logit is
+        if not bool(finite.all()):
+            _not_finite(model, rows[~finite], t)
         tokens[rows, t] = token
         ran = t + 1
         if (deadline is not None and time.monotonic() > deadline) or (stop is not None and stop.is_set()):
