@@ -34,7 +34,8 @@ Ranking -> preference pairs, per item:
    (ranks are dense: ties share a rank and the next rank follows).
 3. Every pair of completions whose mean ranks differ becomes one preference:
    chosen = the lower (better) mean rank, margin = the difference of the mean
-   ranks (> 0). Pairs with equal mean ranks (a consensus tie) give no pair.
+   ranks (> 0). Pairs with equal mean ranks (a consensus tie) give no pair; an
+   item whose completions all tie gives none and is counted as ``dropped_all_tied``.
 
 This is the ``mean_rank`` aggregation of ``alignkit.data.formats.ranking_to_pairs``,
 so training on ``preferences.jsonl`` or on ``rankings.jsonl`` with that rule
@@ -51,6 +52,7 @@ from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
+from alignkit.errors import AlignkitError
 from alignkit.feedback.agreement import project_agreement
 from alignkit.feedback.storage import ItemRecord, Store
 
@@ -140,9 +142,12 @@ def build_export(store: Store, name: str) -> tuple[dict, dict[str, str]]:
             pairs, why = consensus_pairs(r)
             if why:
                 dropped[why] += 1
+            elif not pairs:  # labelled, yet every completion ties on mean rank: counted, not lost unseen
+                dropped["all_tied"] += 1
             pref_lines.extend(_dumps(pair) for pair in pairs)
         summary["preference_pairs"] = len(pref_lines)
         summary["dropped_cant_rank"] = dropped["cant_rank"]
+        summary["dropped_all_tied"] = dropped["all_tied"]
         files["rankings.jsonl"] = "".join(rank_lines)
         files["preferences.jsonl"] = "".join(pref_lines)
     else:
@@ -157,15 +162,37 @@ def build_export(store: Store, name: str) -> tuple[dict, dict[str, str]]:
 
 
 def export_project(store: Store, name: str, out_dir: str | Path) -> dict:
-    """Write a project's export files into ``out_dir``; returns the export summary."""
+    """Write a project's export files into ``out_dir``; returns the export summary.
+
+    A folder that cannot take the files (``out_dir`` is a file, a target is a folder, no permission)
+    is an AlignkitError naming the path, found before any file is replaced: an export is written
+    whole or not at all, never half over an older one.
+    """
     summary, files = build_export(store, name)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for file_name, text in files.items():
-        # Write beside and rename, so a reader never sees half a file.
-        tmp = out / (file_name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / file_name)
+    try:
+        if out.exists() and not out.is_dir():
+            raise AlignkitError(f"--out {out}: is a file, not a folder")
+        for file_name in files:
+            if (out / file_name).is_dir():
+                raise AlignkitError(f"--out {out}: {out / file_name} is a folder; the export writes a file there")
+        out.mkdir(parents=True, exist_ok=True)
+        # Write every file beside its target first, then rename: a reader never sees half a
+        # file, and a failure while writing leaves the older export as it was.
+        written = []
+        try:
+            for file_name, text in files.items():
+                tmp = out / (file_name + ".tmp")
+                written.append(tmp)
+                tmp.write_text(text, encoding="utf-8")
+            for file_name in files:
+                (out / (file_name + ".tmp")).replace(out / file_name)
+        finally:
+            for tmp in written:
+                tmp.unlink(missing_ok=True)
+    except OSError as e:
+        where = e.filename or out
+        raise AlignkitError(f"--out {out}: cannot write the export ({where}: {e.strerror or e})") from None
     return summary
 
 

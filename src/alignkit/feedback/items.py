@@ -68,6 +68,26 @@ def read_project_file(path: str | Path, kind: str) -> ProjectFile:
     return parse_project_lines(lines(), kind, source=str(path))
 
 
+def parse_project_bytes(data: bytes, kind: str, source: str) -> ProjectFile:
+    """A project file that arrived whole (an upload), read as :func:`read_project_file` reads one from disk.
+
+    Lines end at "\n" only: ``str.splitlines`` would also break a line at U+2028, U+0085 or a form
+    feed, which JSON allows inside a string, and number the lines differently from the file.
+    """
+
+    def lines():
+        for lineno, raw in enumerate(data.split(b"\n"), 1):
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(source, f"line {lineno}", None,
+                                f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}; "
+                                f"save the file as UTF-8)") from None
+            yield text.rstrip("\r")
+
+    return parse_project_lines(lines(), kind, source)
+
+
 def parse_project_lines(lines: Iterable[str], kind: str, source: str) -> ProjectFile:
     from alignkit.data.io import JSONProblem, check_values, parse_json
 
@@ -128,6 +148,8 @@ def _pairwise_item(row: dict, where: tuple[str, str], project: ProjectFile) -> I
         if not isinstance(v, str):
             raise DataError(*where, key, "missing or not a string")
         values[key] = v
+    for key in ("model_a", "model_b"):
+        _no_nul(values[key], where, key)
     if not values["model_a"].strip() or values["model_a"] == values["model_b"]:
         raise DataError(*where, "model_b", "model_a and model_b must be two different, non-empty names")
     responses = [values["response_a"], values["response_b"]]
@@ -168,7 +190,15 @@ def _ext_id(row: dict, where: tuple[str, str]) -> str:
     v = str(v)
     if len(v) > 200:
         raise DataError(*where, "id", "longer than 200 characters")
+    _no_nul(v, where, "id")
     return v
+
+
+def _no_nul(value: str, where: tuple[str, str], key: str) -> None:
+    # Ids and model names are stored as text columns, and PostgreSQL's text cannot hold NUL:
+    # refused here, naming the line, rather than as a driver error when the project is stored.
+    if "\x00" in value:
+        raise DataError(*where, key, "holds a NUL character (\\u0000)")
 
 
 def _meta(row: dict, where: tuple[str, str], known: set[str]) -> dict:

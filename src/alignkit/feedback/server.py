@@ -35,9 +35,9 @@ from alignkit.errors import AlignkitError
 from alignkit.feedback.agreement import project_agreement
 from alignkit.feedback.config import LabelConfig
 from alignkit.feedback.export import build_export
-from alignkit.feedback.items import parse_project_lines
+from alignkit.feedback.items import parse_project_bytes
 from alignkit.feedback.pages import STATIC_DIR, render, render_markdown
-from alignkit.feedback.storage import MAX_TASK_BATCH, FeedbackError, LabelerInfo, Store
+from alignkit.feedback.storage import MAX_OVERLAP, MAX_TASK_BATCH, FeedbackError, LabelerInfo, Store
 from alignkit.web import INT64_MAX, Int64, LimitBody, TextBody
 
 LABELER_COOKIE = "alignkit_labeler"
@@ -59,7 +59,8 @@ EXPORT_MEDIA = {".jsonl": "application/x-ndjson", ".json": "application/json"}
 class LabelIn(BaseModel):
     """A label on one item. Ranking: ``ranks`` or ``cant_rank``. Pairwise: ``choice``."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as written; lax parsing would read true as rank 1, "yes" as cant_rank
+    model_config = ConfigDict(extra="forbid", strict=True)
     item_id: Int64
     ranks: list[Int64] | None = Field(None, description="ranks[i] = 1-based rank of completion i; 1 = best; equal = tie")
     cant_rank: bool = Field(False, description="the item is nonsensical or cannot be ranked")
@@ -102,7 +103,7 @@ class MyLabelsOut(BaseModel):
 
 
 class InviteIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     labeler: str = Field(min_length=1, max_length=200)
 
 
@@ -113,8 +114,8 @@ class InviteOut(BaseModel):
 
 
 class ProjectPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    overlap: int = Field(ge=1, le=1000)
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is not an overlap of 1
+    overlap: int = Field(ge=1, le=MAX_OVERLAP)
 
 
 class ProjectOut(BaseModel):
@@ -129,6 +130,21 @@ class ProjectOut(BaseModel):
     model_b: str | None = None
     labelers: dict[str, int]
     progress: float
+
+
+def _upload_text(upload: UploadFile, field: str) -> str:
+    """An uploaded text file, decoded as the CLI reads one: not UTF-8 is a 422 naming the field and the
+    line, never text with U+FFFD put in silently."""
+    raw = upload.file.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise HTTPException(422, f"{field}: {upload.filename}: line {line}: not UTF-8 text "
+                                 f"(byte 0x{raw[e.start]:02x}; save the file as UTF-8)") from None
+    if "\x00" in text:
+        raise HTTPException(422, f"{field}: {upload.filename}: holds a NUL character (\\u0000)")
+    return text
 
 
 # ---------------------------------------------------------------------------
@@ -320,19 +336,15 @@ def create_app(config: LabelConfig | None = None, store: Store | None = None) ->
         name: Annotated[str, Form(pattern=r"^[A-Za-z0-9._-]{1,100}$")],
         kind: Annotated[Literal["ranking", "pairwise"], Form()],
         file: Annotated[UploadFile, File(description="JSONL written by alignkit generate / label-ai / eval")],
-        overlap: Annotated[int, Form(ge=1, le=1000)] = 3,
+        overlap: Annotated[int, Form(ge=1, le=MAX_OVERLAP)] = 3,
         guidelines_file: Annotated[UploadFile | None, File(description="Markdown guidelines for this project")] = None,
     ):
         """Create a project from a JSONL file (multipart upload)."""
         source = file.filename or "upload.jsonl"
-        try:
-            text = file.file.read().decode("utf-8")
-        except UnicodeDecodeError:
-            raise HTTPException(422, f"{source}: not UTF-8 text") from None
-        pf = parse_project_lines(text.splitlines(), kind, source=source)
+        pf = parse_project_bytes(file.file.read(), kind, source=source)
         guidelines = None
         if guidelines_file is not None and guidelines_file.filename:
-            guidelines = guidelines_file.file.read().decode("utf-8", errors="replace") or None
+            guidelines = _upload_text(guidelines_file, "guidelines_file") or None
         return store.create_project(name, pf, overlap, source=source, guidelines=guidelines).to_dict()
 
     @app.get("/api/projects/{name}", response_model=ProjectOut, tags=["admin"], dependencies=[Admin])

@@ -22,6 +22,7 @@ import hashlib
 import re
 import secrets
 import threading
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from alignkit.feedback.items import KINDS, ProjectFile
 CHOICES = ("A", "B", "tie", "both_bad")  # what a labeler sees: A = left, B = right
 WINNERS = ("model_a", "model_b", "tie", "both_bad")  # what is stored: real model names
 MAX_TASK_BATCH = 500
+MAX_OVERLAP = 1000  # labelers per item; the CLI and the API take the same range
 PROJECT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")  # it appears in URLs
 
 
@@ -198,8 +200,10 @@ _LABELER_BY_TOKEN = (
     .where(_labelers.c.token_hash == bindparam("token_hash"))
 )
 _ITEM_TO_LABEL = select(_items.c.project_id, _items.c.swapped, _items.c.n_completions).where(_items.c.id == bindparam("item_id"))
-_APPLIED = select(_submissions.c.label_id).where(
-    _submissions.c.labeler_id == bindparam("labeler_id"), _submissions.c.submission_id == bindparam("submission_id")
+_APPLIED = (
+    select(_submissions.c.label_id, _labels.c.item_id)
+    .join(_labels, _labels.c.id == _submissions.c.label_id)
+    .where(_submissions.c.labeler_id == bindparam("labeler_id"), _submissions.c.submission_id == bindparam("submission_id"))
 )
 _EXISTING_LABEL = select(_labels.c.id, _labels.c.ranks, _labels.c.cant_rank, _labels.c.winner,
                          _labels.c.client_order).where(
@@ -319,6 +323,33 @@ def normalise_ranks(ranks: object, k: int) -> list[int]:
             raise Invalid(f"each rank must be an integer from 1 to {k}, got {r!r}")
     dense = {r: i for i, r in enumerate(sorted(set(ranks)), 1)}
     return [dense[r] for r in ranks]
+
+
+def check_labeler_name(name: str) -> str:
+    """A labeler's name, stripped; refused when it is empty, too long, or not a name a person can read.
+
+    Control characters (NUL, line breaks, escapes) would corrupt the status lines and exports, and
+    PostgreSQL cannot store NUL at all; a name of only invisible characters names nobody.
+
+    >>> check_labeler_name("  Zoë ")
+    'Zoë'
+    """
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise Invalid("labeler: a labeler name must have 1 to 200 characters")
+    bad = next((ch for ch in name if unicodedata.category(ch) == "Cc"), None)
+    if bad is not None:
+        raise Invalid(f"labeler: a labeler name must not hold control characters (it holds U+{ord(bad):04X})")
+    if all(unicodedata.category(ch)[0] in "CZ" for ch in name):
+        raise Invalid("labeler: a labeler name must hold a visible character")
+    return name
+
+
+def _check_overlap(overlap: int) -> None:
+    # Checked here, where every way in (CLI, API) passes: an overlap past a 64-bit integer
+    # would otherwise reach the database as a driver error.
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 1 <= overlap <= MAX_OVERLAP:
+        raise Invalid(f"overlap must be an integer from 1 to {MAX_OVERLAP} (labelers per item), got {overlap!r}")
 
 
 def choice_to_winner(choice: str, swapped: bool) -> str:
@@ -488,8 +519,11 @@ class Store:
             raise Invalid(f"project name {name!r}: use 1 to 100 letters, digits, '.', '_' or '-'")
         if pf.kind not in KINDS:
             raise Invalid(f"unknown project kind {pf.kind!r}")
-        if overlap < 1:
-            raise Invalid("overlap must be at least 1")
+        _check_overlap(overlap)
+        if guidelines is not None and "\x00" in guidelines:
+            raise Invalid("guidelines: the guidelines hold a NUL character (\\u0000)")  # PostgreSQL's text cannot
+        # The source is only shown: text any database stores (an upload's file name is the client's bytes).
+        source = source.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
         rng = secrets.SystemRandom()  # labelers must not be able to predict the sides
         with self.write() as s:
             if s.scalar(select(Project.id).where(Project.name == name)) is not None:
@@ -511,8 +545,7 @@ class Store:
         return self.project_summary(name)
 
     def set_overlap(self, name: str, overlap: int) -> ProjectSummary:
-        if overlap < 1:
-            raise Invalid("overlap must be at least 1")
+        _check_overlap(overlap)
         with self.write() as s:
             project = self._project(s, name)
             project.overlap = overlap
@@ -557,9 +590,7 @@ class Store:
         The token is shown once: only its hash is stored, and inviting the same
         name again revokes the old link.
         """
-        labeler = labeler.strip()
-        if not labeler or len(labeler) > 200:
-            raise Invalid("a labeler name must have 1 to 200 characters")
+        labeler = check_labeler_name(labeler)
         token = secrets.token_urlsafe(24)
         with self.write() as s:
             p = self._project(s, project)
@@ -698,9 +729,14 @@ class Store:
                 raise NotFound(f"no item {item_id} in this project")
             ranks, cant_rank, winner = _check_label(who.kind, item.n_completions, item.swapped, ranks, cant_rank, choice)
             if submission_id is not None:
-                applied = c.execute(_APPLIED, {"labeler_id": who.id, "submission_id": submission_id}).scalar()
+                applied = c.execute(_APPLIED, {"labeler_id": who.id, "submission_id": submission_id}).first()
                 if applied is not None:
-                    return applied, "unchanged"
+                    if applied.item_id != item_id:
+                        # A resend carries the same item; this is another label under a used id, and
+                        # answering "unchanged" would drop it without a word.
+                        raise Conflict(f"submission_id {submission_id!r} was already used for item {applied.item_id}; "
+                                       f"send each new label with a new submission_id")
+                    return applied.label_id, "unchanged"
 
             label = c.execute(_EXISTING_LABEL, key).first()
             if label is not None:

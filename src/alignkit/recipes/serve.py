@@ -25,7 +25,12 @@ far, ``finish_reason: "length"``), a request that finds the model busy for
 a running generation at its next token. Malformed input is a 400 naming the field
 (``param``): content that is neither text nor a list of parts, a part without a
 ``type``, a text part without a string ``text``, and any string of the body that
-UTF-8 cannot encode (a lone surrogate, ``"\\ud800"``).
+UTF-8 cannot encode (a lone surrogate, ``"\\ud800"``). Values keep their JSON types
+(``"n": true`` or ``"max_tokens": "5"`` is a 400, not 1 and 5); a ``model`` other
+than the one served is a 404 ``model_not_found``; and what a text-only model sampled
+as is cannot honour (``logprobs``, ``tools``, ``response_format`` other than text,
+penalties, ``logit_bias``) is a 400 naming the field rather than silently ignored.
+Other unknown fields (``user``, ``metadata``...) are ignored.
 """
 
 from __future__ import annotations
@@ -84,14 +89,45 @@ Content = Annotated[list[ContentPart], WrapValidator(_text_or_parts),
                     WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]})]
 
 
+def _text_or_texts(value: Any, texts) -> str | list[str]:
+    # As _text_or_parts: the error names "stop" or "stop.1", not the union's members ("stop.str").
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return texts(value)
+    raise PydanticCustomError("stop_type", "must be a string or a list of strings")
+
+
+Stop = Annotated[list[str], WrapValidator(_text_or_texts),
+                 WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]})]
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: Content = ""
 
 
+# Fields of OpenAI's API this server cannot honour: asked for, they are refused (400 naming the
+# field) rather than ignored, since the answer would silently lack what was asked for
+# (log-probabilities, a tool call, JSON) or be sampled from another distribution (penalties, bias).
+# Each maps to the test that the value asks for nothing.
+_UNSUPPORTED = {
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v in (None, 0),
+    "tools": lambda v: v in (None, []),
+    "functions": lambda v: v in (None, []),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "logit_bias": lambda v: v in (None, {}),
+}
+
+
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, logit_bias...) are ignored
+    # Unknown OpenAI fields that change nothing in the answer (user, metadata, store...) are ignored.
+    # strict: JSON types as written; lax parsing would read true as n=1 and "yes" as stream=true.
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -100,8 +136,19 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: Stop | None = None
     stream: bool = False
+
+    @model_validator(mode="after")
+    def _nothing_unsupported(self) -> ChatRequest:
+        for name, asks_nothing in _UNSUPPORTED.items():
+            value = (self.model_extra or {}).get(name)
+            if not asks_nothing(value):
+                raise ValidationError.from_exception_data(self.__class__.__name__, [InitErrorDetails(
+                    type=PydanticCustomError("unsupported", "this server does not support it (a text-only "
+                                                            "model sampled as is); leave it out"),
+                    loc=(name,), input=value)])
+        return self
 
 
 def _content(value: str | list[ContentPart]) -> str:
@@ -142,9 +189,15 @@ def create_app(model, tokenizer, model_id: str, max_tokens_limit: int = 1024, de
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc holds a character offset, not a field
+            why = (first.get("ctx") or {}).get("error", "JSON decode error")
+            at = first.get("loc", ("body", None))[-1]
+            return error(400, f"the request body is not valid JSON ({why} at character {at})")
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request body",
-                     param=where or None)
+        if not where:
+            return error(400, "the request body must be a JSON object (Content-Type: application/json) with "
+                              "'messages'")
+        return error(400, f"{where}: {first.get('msg', 'invalid request')}", param=where)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):
@@ -173,6 +226,11 @@ def create_app(model, tokenizer, model_id: str, max_tokens_limit: int = 1024, de
 
     @app.post("/v1/chat/completions")
     def chat(req: ChatRequest):
+        if req.model is not None and req.model != model_id:
+            # OpenAI's answer to a model it does not have: another model's text under the asked-for
+            # name would be a silent substitution (and a judge's cache would file it under that name).
+            return error(404, f"model: this server serves {model_id!r}, not {req.model!r} (send that name, or "
+                              f"leave 'model' out)", "model_not_found", param="model")
         messages = [{"role": m.role, "content": _content(m.content)} for m in req.messages]
         bad = [m["role"] for m in messages if m["role"] not in ("system", "user", "assistant")]
         if bad:
