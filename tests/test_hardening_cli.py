@@ -307,16 +307,14 @@ def test_model_folder_with_unreadable_weights_is_one_line_error(sft_run, tmp_pat
 UNREADABLE = judge_reward(generation={"max_new_tokens": 4})  # a random tiny model never writes a grade
 
 
-def test_label_ai_warns_when_every_judge_answer_is_unreadable(tmp_path, capsys):
+def test_label_ai_stops_when_every_judge_answer_is_unreadable(tmp_path, capsys):
+    # Every answer unreadable: every completion gets the fallback score, so no pair can be written.
+    # That is an error naming the judge as the cause, not a finished run with an empty pairs.jsonl.
     code, out, err = run(capsys, *label_ai(tmp_path, UNREADABLE))
-    assert code == 0, err
-    summary = json.loads((tmp_path / "runs" / "tiny" / "label-ai" / "final" / "summary.json").read_text())
-    judge = summary["judge"]
-    assert judge["asked"] == 18 and judge["unparsable"] + judge["out_of_range"] == 18
-    lines = [ln for ln in out.splitlines() if "warning:" in ln]
-    assert len(lines) == 1 and lines[0].startswith("alignkit label-ai: warning: every judgement had an answer "
-                                                   "the judge's parser could not read")
-    assert "(fallback applied)" in out
+    assert code == 2
+    assert "label-ai: no pairs to write: the completions of 6 of 6 prompts all scored alike" in err
+    assert "(every judgement had an answer the judge's parser could not read" in err
+    assert not (tmp_path / "runs" / "tiny" / "label-ai" / "final" / "pairs.jsonl").exists()
 
 
 def test_label_ai_without_judge_problems_has_no_warning(tmp_path, capsys):
@@ -349,18 +347,21 @@ def test_judge_stats_warning_wording():
 
 @pytest.mark.skipif(not __import__("torch").distributed.is_available(), reason="torch without torch.distributed")
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-process test: run with CUDA_VISIBLE_DEVICES=")
-def test_label_ai_two_processes_sum_the_judge_counts_and_the_main_one_warns(tmp_path):
+def test_label_ai_two_processes_sum_the_judge_counts_and_stop_together(tmp_path):
     env = {**os.environ, "ALIGNKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "alignkit.cli", *map(str, label_ai(tmp_path, UNREADABLE))],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    judge = json.loads((tmp_path / "runs" / "tiny" / "label-ai" / "final" / "summary.json").read_text())["judge"]
-    assert judge["asked"] == 18 and judge["unparsable"] + judge["out_of_range"] == 18  # both processes' shares
-    assert "judge: 18 judgements" in done.stdout
-    warnings = [ln for ln in done.stdout.splitlines() if "warning:" in ln]
-    assert len(warnings) == 1 and warnings[0].startswith("alignkit label-ai: warning: every judgement")
+    # Every answer unreadable on both processes: no pair. Both stop with the same one-line error (neither
+    # waits for the other at a collective), which names the judge's answers, counted over both processes.
+    assert done.returncode != 0
+    # (torchrun's own launcher then prints its ChildFailedError; the processes print one line each.)
+    errors = [ln.removeprefix("[process 1] ") for ln in (done.stdout + done.stderr).splitlines()
+              if "alignkit: error: label-ai" in ln]
+    assert len(errors) == 2 and errors[0] == errors[1], done.stderr[-4000:]
+    assert "no pairs to write: the completions of 6 of 6 prompts all scored alike" in errors[0]
+    assert "(every judgement had an answer the judge's parser could not read" in errors[0]
 
 
 @pytest.mark.parametrize("override, message", [

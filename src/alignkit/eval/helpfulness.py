@@ -127,4 +127,7 @@ def helpfulness_judge(device=None) -> HelpfulnessJudge:
 
 @register("helpfulness")
 def _helpfulness(arg: str = "", **ctx):
+    from alignkit.rewards.builtin import no_argument
+
+    no_argument("helpfulness", arg)
     return helpfulness_judge(ctx.get("device"))

@@ -406,9 +406,13 @@ def build_pairwise_judge(spec: str, options: dict | None = None, device=None) ->
         if not module_name or not fn_name:
             raise AlignkitError(f"judge '{spec}' must look like python:package.module:function")
         try:
-            return SwappedJudge(getattr(importlib.import_module(module_name), fn_name), spec)
+            fn = getattr(importlib.import_module(module_name), fn_name)
         except (ImportError, AttributeError) as e:
             raise AlignkitError(f"judge '{spec}': {e}") from None
+        if not callable(fn):  # found before the sampling, not when the pairs are judged
+            raise AlignkitError(f"judge '{spec}': {fn_name} is a {type(fn).__name__}, not a function "
+                                f"(prompt, response_a, response_b) -> verdict")
+        return SwappedJudge(fn, spec)
     if kind == "judge":
         from alignkit.config import build
         from alignkit.judges import JudgeConfig, PairwiseJudge as LLMPairwiseJudge, build_judge
@@ -488,6 +492,10 @@ def load_human_summary(path: str, model_a: str, model_b: str) -> dict:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise DataError(path, None, key, f"must be a whole number >= 0, got {value!r}")
         counts[key] = value
+    if not counts["wins"] + counts["ties"] + counts["losses"] + counts["both_bad"]:
+        # exported before anyone labelled: a row of '-' would read as a result
+        raise DataError(path, None, "wins", "the summary holds no judgements (wins, ties, losses and both_bad "
+                                            "are all 0): label the project before exporting it")
     names = (str(raw.get("model_a", "")), str(raw.get("model_b", "")))
     if names == (model_b, model_a):
         counts["wins"], counts["losses"] = counts["losses"], counts["wins"]

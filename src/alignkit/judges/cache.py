@@ -50,24 +50,46 @@ class VerdictCache:
             db.close()
 
     def get_many(self, keys: list[str]) -> dict[str, dict]:
+        """The stored answers of ``keys``; a row that does not read back (cut-short JSON, no answer)
+        is a miss: the question is asked again and its row replaced."""
         out: dict[str, dict] = {}
         unique = list(dict.fromkeys(keys))
-        with self._connect() as db:
+        with self._guard("read"), self._connect() as db:
             for start in range(0, len(unique), 500):  # SQLite's host-parameter limit
                 chunk = unique[start:start + 500]
                 rows = db.execute(f"SELECT key, value FROM verdicts WHERE key IN ({','.join('?' * len(chunk))})",
                                   chunk).fetchall()
-                out.update((k, json.loads(v)) for k, v in rows)
+                out.update((k, v) for k, v in ((k, _answer(v)) for k, v in rows) if v is not None)
         return out
 
     def put_many(self, items: dict[str, dict]) -> None:
         if not items:
             return
         now = time.time()
-        with self._connect() as db:
+        with self._guard("write"), self._connect() as db:
             db.executemany("INSERT OR REPLACE INTO verdicts (key, value, created) VALUES (?, ?, ?)",
                            [(k, json.dumps(v), now) for k, v in items.items()])
 
+    @contextlib.contextmanager
+    def _guard(self, what: str):
+        """A damaged file (a page cut short, another table of that name) found while reading or writing
+        is a one-line error naming it: the cache may hold answers that cost money, so it is not
+        thrown away here."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise AlignkitError(f"{self.path}: cannot {what} the judge cache ({e}); move the file away to "
+                                f"start a new cache, or set the judge's cache: false") from None
+
     def __len__(self) -> int:
-        with self._connect() as db:
+        with self._guard("read"), self._connect() as db:
             return db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
+
+
+def _answer(value: str) -> dict | None:
+    """A stored row's ``{"answer": ...}``, or None when the row does not read back as one."""
+    try:
+        data = json.loads(value)
+    except (TypeError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "answer" in data else None

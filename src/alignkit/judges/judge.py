@@ -150,6 +150,8 @@ class _Judge:
         keys = [cache_key(judge=self.backend.id, template=self.template.text, inputs=inp, params=params)
                 for inp in inputs]
         found = self.cache.get_many(keys) if self.cache is not None else {}
+        # a stored answer of the wrong shape (an edited or damaged row) is asked again, not parsed
+        found = {k: v for k, v in found.items() if _fits(call, v["answer"], len(self.template.options))}
         todo: dict[str, Messages] = {}
         for k, conv in zip(keys, conversations):
             if k not in found and k not in todo:
@@ -239,7 +241,7 @@ class PairwiseJudge(_Judge):
         if c1 is None or c2 is None:
             self.stats.unparsable += 1
             self.stats.note_bad(first if c1 is None else second)
-            if self.cfg.fallback == "error":
+            if str(self.cfg.fallback).strip().lower() == "error":
                 raise AlignkitError(f"{self.name}: cannot read (A) or (B) from the answer "
                                     f"{(first if c1 is None else second)[:120]!r}; set fallback: midpoint to count it as a tie")
             return PairVerdict(TIE, 0.5, False, False, (first, second))
@@ -259,6 +261,14 @@ class PairwiseJudge(_Judge):
         self.stats.inconsistent += not consistent
         mass = (math.exp(first[0]) + math.exp(first[1]), math.exp(second[0]) + math.exp(second[1]))
         return PairVerdict(winner, p_a, consistent, True, (list(first), list(second)), mass)
+
+
+def _fits(call: str, answer, n_options: int) -> bool:
+    """A cached answer of the shape a call returns: text, or one finite log-probability per option."""
+    if call != "logprob":
+        return isinstance(answer, str)
+    return (isinstance(answer, list) and len(answer) == n_options
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in answer))
 
 
 def _sigmoid(x: float) -> float:

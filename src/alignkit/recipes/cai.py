@@ -125,6 +125,10 @@ def load_constitution(name: str) -> tuple[str, list[Principle]]:
     if not isinstance(raw, dict) or not isinstance(raw.get("principles"), list) or not raw["principles"]:
         raise AlignkitError(f"{source}: field 'principles' must be a non-empty list of "
                             f"{{name, critique, revision, preference?}}")
+    unknown = set(raw) - {"name", "description", "principles"}
+    if unknown:
+        raise AlignkitError(f"{source}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
+                            f"known: name, description, principles")
     principles = []
     for i, p in enumerate(raw["principles"]):
         where = f"{source}: principles[{i}]"
@@ -136,7 +140,12 @@ def load_constitution(name: str) -> tuple[str, list[Principle]]:
         for key in ("critique", "revision"):
             if not isinstance(p.get(key), str) or not p[key].strip():
                 raise AlignkitError(f"{where}: field '{key}' must be a non-empty text")
+        if p.get("preference") is not None and (not isinstance(p["preference"], str) or not p["preference"].strip()):
+            raise AlignkitError(f"{where}: field 'preference' must be a non-empty text (the question the "
+                                f"feedback model answers), got {p['preference']!r}")
         pname = str(p.get("name") or f"principle-{i}")
+        if pname in {q.name for q in principles}:  # the records name their principle: two alike are ambiguous
+            raise AlignkitError(f"{where}: field 'name': '{pname}' is used twice")
         pref = p.get("preference") or f"Which of these assistant responses better follows the principle '{pname}'?"
         principles.append(Principle(pname, p["critique"].strip(), p["revision"].strip(), str(pref).strip()))
     return str(raw.get("name") or Path(source).stem), principles
@@ -276,7 +285,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
                           f"the feedback phase needs a pairwise one (constitution, pairwise)")
     if not cfg.data.path:
         raise ConfigError("data.path is empty: give red-team prompts (a file, a hub dataset or builtin:prompts)")
-    prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.on_error, cfg.data.kind, cfg.data.limit)
+    prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.on_error, cfg.data.kind, cfg.data.limit,
+                           fmt=cfg.data.format)
     engine = Engine(seed=cfg.run.seed)  # placement and prompt sharding; the fine-tuning gets its own
     if engine.is_main:
         run.write_config(cfg)
@@ -349,7 +359,8 @@ def feedback(cfg: Config, run: RunDir, prompts: list[PromptExample], principles:
 
     fb = cfg.feedback
     if fb.data.path:
-        prompts = load_prompts(fb.data.path, fb.data.split, fb.data.on_error, fb.data.kind, fb.data.limit)
+        prompts = load_prompts(fb.data.path, fb.data.split, fb.data.on_error, fb.data.kind, fb.data.limit,
+                               fmt=fb.data.format, setting="feedback.data.format")
     # The policy: the model in memory (just fine-tuned, or not), or another one by name.
     policy_name = fb.policy or in_memory
     if policy_name != in_memory:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,25 @@ def _settings(args: argparse.Namespace) -> tuple[GenerationConfig, Flags]:
     return gen, from_flags(Flags, args, ["seed", "n", "best_of", "limit"])
 
 
+def writable_file(path: str, flag: str) -> Path:
+    """``path`` as a file that can be written, its folder made: checked before any work, so that a
+    path that is a folder, or lies under a file, is a one-line error rather than a traceback after
+    minutes of sampling."""
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name (e.g. {out / 'completions.jsonl'})")
+    blocked = next((q for q in out.parents if q.exists() and not q.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"{flag} {path}: {blocked} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot make its folder ({e.strerror or e})") from None
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: not writable")
+    return out
+
+
 def _load(args, gen: GenerationConfig):
     from alignkit.training import Engine
 
@@ -85,6 +105,8 @@ def chat(argv: list[str]) -> int:
     p.add_argument("prompt", nargs="*", help="the message; without one, read messages from stdin")
     args = p.parse_args(argv)
     gen, _ = _settings(args)
+    if args.prompt and not " ".join(args.prompt).strip():
+        raise ConfigError("chat: the message is empty; give some text, or none to chat interactively")
     model, tok, gen, _ = _load(args, gen)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -128,7 +150,8 @@ def generate_cli(argv: list[str]) -> int:
     gen, _ = _settings(args)
     if args.best_of and not args.reward:
         raise AlignkitError("--best-of needs --reward SPEC")
-    prompts = load_prompts(args.prompts, split=args.split, kind=args.kind, limit=args.limit)
+    out = writable_file(args.out, "--out")  # before the sampling: a bad path fails in a second
+    prompts = load_prompts(args.prompts, split=args.split, kind=args.kind, limit=args.limit, setting="--format")
     model, tok, gen, engine = _load(args, gen)
     from alignkit.data.collate import encode_prompts
     from alignkit.models import model_context
@@ -146,8 +169,6 @@ def generate_cli(argv: list[str]) -> int:
     gens = generate(model, tok, [q.prompt for q in prompts], gen, n=n, seed=args.seed, engine=engine)
     if not engine.is_main:
         return 0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for i, q in enumerate(prompts):
             texts = [g.text for g in gens[i * n:(i + 1) * n]]

@@ -231,6 +231,21 @@ def _fitting_prompts(cfg: Config, models: list[_Model], reference_name: str, pro
     return kept
 
 
+def _thin_sample_warnings(kinds: list) -> list[str]:
+    """Intervals and paired tests are over prompts: with one prompt (overall or of a kind) they are
+    undefined and the report shows '-' for them; said under the table rather than left to be noticed."""
+    lines = []
+    if len(kinds) < 2:
+        lines.append(f"{len(kinds)} prompt: no intervals or paired tests (they need at least 2 prompts); "
+                     f"every number is one prompt's")
+    elif len(set(kinds)) > 1 or any(kind is not None for kind in kinds):
+        single = sorted(str(kind) for kind in set(kinds) if kinds.count(kind) == 1)
+        if single:
+            lines.append(f"one prompt of kind {', '.join(single)}: that kind's rows have no intervals or "
+                         f"paired tests (they need at least 2 prompts)")
+    return lines
+
+
 def _same_vocab(tok_a, tok_b) -> bool:
     return len(tok_a) == len(tok_b) and tok_a.get_vocab() == tok_b.get_vocab()
 
@@ -256,7 +271,7 @@ def main(cfg: Config, resume: bool = False) -> Path:
     if engine.is_main:
         run.write_config(cfg)
     prompts = load_prompts(cfg.prompts.path, split=cfg.prompts.split, on_error=cfg.prompts.on_error,
-                           kind=cfg.prompts.kind, limit=cfg.prompts.limit)
+                           kind=cfg.prompts.kind, limit=cfg.prompts.limit, setting="prompts.format")
     prompts = _fitting_prompts(cfg, models, reference_name, prompts)
     messages = [p.prompt for p in prompts]
     k = cfg.samples_per_prompt
@@ -348,6 +363,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
     _write_samples(run.final / SAMPLES_FILE, prompts, models, samples, scores, k)
     run.mark_done({"report": str(report)})
     print(render_summary_table(summary))
+    for line in _thin_sample_warnings(kinds):  # beside the table whose '-' it explains
+        print(f"eval: warning: {line}")
     print(f"report: {report}")
     engine.wait()
     return report

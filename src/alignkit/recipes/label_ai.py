@@ -40,6 +40,7 @@ from alignkit.config import DataConfig, GenerationConfig, ModelConfig, RunConfig
 from alignkit.data.formats import PromptExample, load_prompts, parse_prompt
 from alignkit.data.io import ErrorPolicy, first_parsed, read_records
 from alignkit.errors import AlignkitError, ConfigError, DataError
+from alignkit.judges import JudgeStats
 from alignkit.runs import RunDir
 from alignkit.training import Engine
 
@@ -123,6 +124,31 @@ def ranking_pairs(scores: list[float], ranks: list[int], min_gap: float) -> tupl
             continue
         pairs.append((best, worst))
     return pairs, short
+
+
+def _check_some_pairs(items: list[Item], flat_scores: list[float], cfg: Config, judge_stats=None) -> None:
+    """No pair at all (every group's completions scored alike, or every gap under ``min_gap``) is an
+    error, not a finished run with an empty ``pairs.jsonl`` that ``rm`` or ``dpo`` would stop on later.
+    Where a judge could read none of its answers, that is named as the cause."""
+    at = tied = short = 0
+    for it in items:
+        scores = flat_scores[at:at + len(it.completions)]
+        at += len(it.completions)
+        ranks = dense_ranks(scores, cfg.tie_tolerance)
+        pairs, n_short = ranking_pairs(scores, ranks, cfg.min_gap)
+        if pairs:
+            return
+        tied += len(set(ranks)) == 1
+        short += n_short
+    spec = cfg.reward if isinstance(cfg.reward, str) else json.dumps(cfg.reward, sort_keys=True)
+    why = [f"the completions of {tied} of {len(items)} prompts all scored alike under {spec}"
+           + (f" (within tie_tolerance={cfg.tie_tolerance:g})" if cfg.tie_tolerance else "")] if tied else []
+    why += [f"{short} pairs differ by less than min_gap={cfg.min_gap:g}"] if short else []
+    unread = judge_stats.warning("judgement", "got the fallback score", "no score tells the completions apart") \
+        if judge_stats is not None else None
+    cause = f" ({unread})" if unread else ""
+    raise AlignkitError(f"label-ai: no pairs to write: {' and '.join(why)}{cause}; use a reward that tells the "
+                        f"completions apart")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -238,6 +264,8 @@ def main(cfg: Config, resume: bool = False) -> Path:
         judge_stats = engine.reduce_sum({k: v for k, v in judge_stats.items() if isinstance(v, (int, float))})
         judge_stats = {**{k: int(v) if float(v).is_integer() else v for k, v in judge_stats.items()},
                        "unparsable_examples": engine.gather(stats.examples)[:5]}  # a few, from any process
+    # On every process (each holds every score and every process's judge counts): all stop together.
+    _check_some_pairs(kept, flat_scores, cfg, JudgeStats.from_dict(judge_stats) if judge_stats is not None else None)
     if not engine.is_main:
         engine.wait()
         return run.final
@@ -287,8 +315,6 @@ def main(cfg: Config, resume: bool = False) -> Path:
              if counts["prompts_skipped"] else "")
           + (f", {short} pairs under min_gap" if short else ""))
     if judge_stats is not None and hasattr(stats, "summary"):  # every process's judgements, counted together
-        from alignkit.judges import JudgeStats
-
         total = JudgeStats.from_dict(judge_stats)
         print(f"alignkit label-ai: judge: {total.summary('judgements')}")
         warning = total.warning("judgement", "got the judge's fallback score",

@@ -19,6 +19,7 @@ A pipeline file::
           data: {path: "${label.final}/pairs.jsonl"}
 
 ``${NAME}`` is stage NAME's run folder and ``${NAME.final}`` its output folder.
+Every stage's config (keys, references) is checked before the first stage runs.
 A stage that finished with the same resolved config is skipped; a changed
 config reruns that stage and every stage after it; a stage that was interrupted
 resumes from its last checkpoint.
@@ -68,13 +69,15 @@ from alignkit.runs import config_hash
 
 MARKER = "pipeline.done"  # written after a stage returns; holds its config hash
 _REF = re.compile(r"\$\{([A-Za-z0-9_-]+)(?:@(\d+))?(\.final|\.all)?\}")
+_ANY_REF = re.compile(r"\$\{[^}]*\}")  # whatever looks like a reference, to catch the ones _REF cannot read
+_NAME = re.compile(r"[A-Za-z0-9_-]+")  # what ${NAME} can name
 _NOT_STAGES = ("run", "demo", "label", "chat", "generate", "serve")
 
 
 @dataclass
 class StageSpec:
-    name: str
-    stage: str
+    name: str = ""  # required: checked by load_pipeline, which names the entry
+    stage: str = ""  # required
     config: Any = field(default_factory=dict)  # mapping, or a path to a YAML file
 
 
@@ -119,8 +122,16 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple = ()) -> Pipeli
     blocks = [("stages", pipe.stages), ("after", pipe.after)]
     if pipe.rounds is not None:
         blocks.insert(1, ("rounds.stages", pipe.rounds.stages))
+    if not any(specs for _, specs in blocks):
+        raise ConfigError(f"{path}: no stages: give 'stages' (a list of {{name, stage, config}}) or 'rounds'")
     for where, specs in blocks:
         for i, spec in enumerate(specs):
+            for key in ("name", "stage"):
+                if not isinstance(getattr(spec, key), str) or not getattr(spec, key).strip():
+                    raise ConfigError(f"{path}: '{where}[{i}].{key}' is missing or empty")
+            if not _NAME.fullmatch(spec.name):
+                raise ConfigError(f"{path}: '{where}[{i}].name': '{spec.name}' cannot be named by ${{...}}; "
+                                  f"use letters, digits, '_' and '-'")
             if spec.stage not in STAGES or spec.stage in _NOT_STAGES:
                 raise ConfigError(f"{path}: '{where}[{i}].stage': '{spec.stage}' is not a pipeline stage")
             if spec.name in seen or spec.name == "policy":
@@ -194,6 +205,10 @@ def _resolve_refs(value: Any, lookup, where: str) -> Any:
     if isinstance(value, list):
         return [_resolve_refs(v, lookup, where) for v in value]
     if isinstance(value, str):
+        for m in _ANY_REF.finditer(value):
+            if not _REF.fullmatch(m.group(0)):  # ${a.fnal}: left as it is, it would be read as a path
+                raise ConfigError(f"{where}: '{m.group(0)}' is not a reference; use ${{NAME}}, ${{NAME.final}}, "
+                                  f"${{NAME.all}}, ${{NAME@K}} or ${{policy}}")
         return _REF.sub(lambda m: lookup(m.group(1), m.group(2), m.group(3), where), value)
     return value
 
@@ -261,11 +276,12 @@ def run_pipeline(path: str | Path, overrides: list[str] | tuple = (), start_from
     steps = plan(pipe)
     if start_from and start_from not in {s.key for s in steps} | {s.spec.name for s in steps}:
         raise AlignkitError(f"--from {start_from}: no such stage in {path}")
+    check_stages(pipe, steps, str(path))
     folders: dict[str, Path] = {}
 
     def merge(name: str, round_folders: list[Path], upto: int) -> Path:
         """Stage NAME's pairs of rounds 1..upto in one file (the reward model learns from all of them)."""
-        out = Path(pipe.output_dir) / pipe.name / f"round-{upto}" / f"{name}-all-rounds" / "pairs.jsonl"
+        out = _merged_pairs(pipe, name, upto)
         if engine.is_main and all((f / "final" / "pairs.jsonl").exists() for f in round_folders):
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".tmp")
@@ -317,6 +333,26 @@ def run_pipeline(path: str | Path, overrides: list[str] | tuple = (), start_from
         engine.wait()
         say(f"{header}: finished in {time.time() - t0:.0f} s")
     return folders
+
+
+def _merged_pairs(pipe: Pipeline, name: str, upto: int) -> Path:
+    return Path(pipe.output_dir) / pipe.name / f"round-{upto}" / f"{name}-all-rounds" / "pairs.jsonl"
+
+
+def check_stages(pipe: Pipeline, steps: list[Step], source: str) -> None:
+    """Every stage's config, references resolved, checked before the first stage runs: a typo in the
+    last stage's keys, or a reference to a stage that comes later (or never), fails in a second
+    rather than after the stages before it have run. Folders are known in advance (:func:`folder_of`)."""
+    folders: dict[str, Path] = {}
+    for step in steps:
+        module, cfg = stage_config(pipe, step.spec, folders, source, step,
+                                   merge=lambda name, _folders, upto: _merged_pairs(pipe, name, upto))
+        if hasattr(module, "check_config"):
+            try:
+                module.check_config(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: stage '{step.key}': {e}") from None
+        folders[step.key] = folder_of(pipe, step)
 
 
 def _file_digest(path: Path) -> str:

@@ -33,6 +33,7 @@ class RewardFn(Protocol):
 
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {}
 _MAPPING_FACTORIES: dict[str, Callable[..., RewardFn]] = {}
+_MAPPING_OPTIONS: dict[str, tuple[str, ...]] = {}  # the keys a mapping spec takes beside its own
 # Modules that register more spec kinds when imported.
 _PLUGINS = ("alignkit.rewards.builtin", "alignkit.rewards.model", "alignkit.rewards.combine",
             "alignkit.rewards.classifier", "alignkit.rewards.judge", "alignkit.eval.helpfulness")
@@ -46,10 +47,12 @@ def register(prefix: str):
     return deco
 
 
-def register_mapping(key: str):
-    """Register ``factory(value, **ctx) -> RewardFn`` for mapping specs ``{key: value}``."""
+def register_mapping(key: str, options: tuple[str, ...] = ()):
+    """Register ``factory(value, **ctx) -> RewardFn`` for mapping specs ``{key: value, OPTION: ...}``;
+    ``options`` are the other keys such a mapping may hold (``normalize``): any other is a typo."""
     def deco(factory):
         _MAPPING_FACTORIES[key] = factory
+        _MAPPING_OPTIONS[key] = tuple(options)
         return factory
     return deco
 
@@ -70,6 +73,12 @@ def build_reward(spec: Any, **ctx) -> RewardFn:
         keys = [k for k in spec if k in _MAPPING_FACTORIES]
         if len(keys) != 1:
             raise AlignkitError(f"reward spec {spec!r}: use exactly one of {', '.join(sorted(_MAPPING_FACTORIES))}")
+        # An unknown key beside it (``normalise:``) would reach the factory as context and be ignored.
+        extra = sorted(str(k) for k in spec if k != keys[0] and k not in _MAPPING_OPTIONS[keys[0]])
+        if extra:
+            known = ", ".join(_MAPPING_OPTIONS[keys[0]]) or "none"
+            raise AlignkitError(f"reward spec {spec!r}: unknown key(s) {', '.join(extra)} beside "
+                                f"'{keys[0]}' (its options: {known})")
         return _MAPPING_FACTORIES[keys[0]](spec[keys[0]], **{**ctx, **{k: v for k, v in spec.items() if k != keys[0]}})
     if not isinstance(spec, str) or not spec:
         raise AlignkitError(f"reward spec must be a string or mapping, got {spec!r}")

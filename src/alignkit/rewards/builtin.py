@@ -40,8 +40,15 @@ class ProfanityReward:
         return check_scores(self.name, 1.0 - self.offensive_probability(responses), len(responses))
 
 
+def no_argument(kind: str, arg: str) -> None:
+    """A spec kind that takes nothing after its name: ``profanity:x`` is a typo, not an option to ignore."""
+    if arg:
+        raise AlignkitError(f"reward '{kind}:{arg}': '{kind}' takes no argument; write '{kind}'")
+
+
 @register("profanity")
 def _profanity(arg: str = "", **ctx):
+    no_argument("profanity", arg)
     return ProfanityReward()
 
 
@@ -103,6 +110,8 @@ def _rule(arg: str, **ctx):
     name, _, rest = arg.partition(":")
     if name not in _RULES:
         raise AlignkitError(f"unknown rule reward 'rule:{arg}'; known: {', '.join('rule:' + k for k in _RULES)}")
+    if name == "token_share" and not rest:
+        raise AlignkitError(f"reward 'rule:{arg}' needs a word, e.g. rule:token_share:yes")
     return _RULES[name](rest) if rest else _RULES[name]()
 
 
@@ -117,6 +126,9 @@ class PythonReward:
             self.fn = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as e:
             raise AlignkitError(f"python reward '{target}': {e}") from None
+        if not callable(self.fn):  # found when built, not when the first batch is scored
+            raise AlignkitError(f"python reward '{target}': {fn_name} is a {type(self.fn).__name__}, not a function "
+                                f"(prompts, responses) -> scores")
         self.name = f"python:{target}"
 
     def __call__(self, prompts, responses):

@@ -156,7 +156,7 @@ def _source_ctx(ctx: dict) -> dict:
     return {k: v for k, v in ctx.items() if k not in ("normalize", "safety_scale")}
 
 
-@register_mapping("weighted")
+@register_mapping("weighted", options=("normalize",))
 def _weighted(value, normalize: str = "auto", **ctx) -> WeightedReward:
     if not isinstance(value, list) or not value:
         raise AlignkitError("weighted reward: give a non-empty list of {reward: SPEC, weight: W}")
@@ -176,10 +176,12 @@ def _weighted(value, normalize: str = "auto", **ctx) -> WeightedReward:
         weights.append(float(w))
     if sum(weights) <= 0:
         raise AlignkitError("weighted reward: the weights sum to 0")
+    if not np.isfinite(sum(weights)):  # each finite, their sum not: every score would be inf / inf
+        raise AlignkitError(f"weighted reward: the weights sum past the float range ({weights}); scale them down")
     return WeightedReward(sources, weights, normalize)
 
 
-@register_mapping("gated")
+@register_mapping("gated", options=("normalize", "safety_scale"))
 def _gated(value, normalize: str = "auto", **ctx) -> GatedReward:
     if not isinstance(value, dict) or "safety" not in value or "helpfulness" not in value:
         raise AlignkitError("gated reward: give {safety: SPEC, helpfulness: SPEC, threshold: 0.15, "

@@ -43,8 +43,8 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
-from alignkit.data.collate import render_prompt
-from alignkit.errors import AlignkitError, DataError
+from alignkit.data.collate import record_error, render_prompt
+from alignkit.errors import AlignkitError
 from alignkit.rewards import Messages, check_scores, register, register_mapping
 
 LAYOUTS = ("chat", "pair")
@@ -90,11 +90,11 @@ class RMInput:
     def describe(self) -> dict:
         return {"layout": self.layout, "max_length": self.max_length}
 
-    def pipeline_input(self, prompt: Messages, response: str):
+    def pipeline_input(self, prompt: Messages, response: str, loc: str = ""):
         """What to give ``pipeline("text-classification")`` for this pair: a text or {text, text_pair}."""
         if self.layout == "pair":
             return {"text": prompt_as_text(prompt), "text_pair": response}
-        text = render_prompt(self.tok, prompt) + response + self.tok.eos_token
+        text = render_prompt(self.tok, prompt, loc) + response + self.tok.eos_token
         if self._strip_bos and text.startswith(self.tok.bos_token):
             text = text[len(self.tok.bos_token):]
         return text
@@ -106,7 +106,7 @@ class RMInput:
         Over ``max_length`` raises a DataError naming ``loc`` and ``field``, unless
         ``truncate`` (scoring), which keeps what the score head needs.
         """
-        inp = self.pipeline_input(prompt, response)
+        inp = self.pipeline_input(prompt, response, loc)
         if self.layout == "pair":
             kw = dict(truncation="longest_first", max_length=self.max_length) if truncate else {}
             enc = dict(self.tok(inp["text"], inp["text_pair"], **kw))
@@ -116,9 +116,7 @@ class RMInput:
                 enc = {k: v[-self.max_length:] for k, v in enc.items()}
         n = len(enc["input_ids"])
         if n > self.max_length:
-            source, _, location = loc.rpartition(":") if loc else ("data", "", None)
-            raise DataError(source or loc, location or None, field,
-                            f"prompt + response is {n} tokens, over data.max_length={self.max_length}")
+            raise record_error(loc, field, f"prompt + response is {n} tokens, over data.max_length={self.max_length}")
         return enc
 
     def collate(self, encoded: list[dict]) -> dict[str, torch.Tensor]:
