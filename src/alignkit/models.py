@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from alignkit.config import LoraConfig, ModelConfig
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, ConfigError
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 MINILM = "builtin:minilm-l6"
@@ -304,6 +304,14 @@ def _from_pretrained(cls, path: str, name: str, **kw):
         return str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
 
     local = Path(path).is_dir()
+    if not local and _looks_like_a_path(path):
+        # transformers would read it as a hub id and answer about repo-name rules
+        what = "is a file, not a model folder" if Path(path).expanduser().exists() else "does not exist"
+        raise AlignkitError(f"cannot load model '{name}': the folder {path} {what}")
+    if local and not any((Path(path) / f).exists() for f in ("config.json", "adapter_config.json",
+                                                             "tokenizer_config.json", "tokenizer.json")):
+        raise AlignkitError(f"cannot load model folder {path}: it holds no config.json or tokenizer files "
+                            f"(not a saved model; a run's model is in its final/ folder)")
     try:
         return cls.from_pretrained(path, local_files_only=local or _offline(), **kw)
     except OSError as e:
@@ -315,6 +323,12 @@ def _from_pretrained(cls, path: str, name: str, **kw):
         if not local:
             raise
         raise AlignkitError(f"cannot load model folder {path}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name only a local folder can have: absolute, relative (``./``, ``../``), home (``~``), or with
+    more than one ``/`` (a hub id is ``name`` or ``org/name``)."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def _offline() -> bool:
@@ -352,9 +366,17 @@ def apply_lora(model, lora: LoraConfig, task_type: str, rl: bool = False):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    targets = lora.target_modules
+    if not targets or (isinstance(targets, list) and not all(isinstance(t, str) and t.strip() for t in targets)):
+        raise ConfigError(f"model.lora.target_modules: give 'all-linear' or a list of module names "
+                          f"(q_proj, v_proj, ...), got {targets!r}")
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0 if rl else lora.dropout,
-                              target_modules=lora.target_modules, task_type=task_type)
-    return get_peft_model(model, peft_cfg)
+                              target_modules=targets, task_type=task_type)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:  # peft: no module of the model matches the names
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"model.lora.target_modules={targets!r}: {problem}") from None
 
 
 def is_peft(model) -> bool:

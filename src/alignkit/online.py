@@ -30,7 +30,8 @@ def load_prompt_set(d: DataConfig, tok, context: int | None = None,
     if not d.path:
         raise AlignkitError("data.prompts.path is empty: give a prompt file (data.prompts.path=prompts.jsonl) "
                             "or builtin:prompts")
-    examples = load_prompts(d.path, d.split, d.on_error, kind=d.kind, limit=d.limit)
+    examples = load_prompts(d.path, d.split, d.on_error, kind=d.kind, limit=d.limit, fmt=d.format,
+                            setting="data.prompts.format")
     kept, ids = encode_prompts(tok, examples, d.max_prompt_length, d.on_error,
                                setting="data.prompts.max_prompt_length", context=context,
                                max_new_tokens=max_new_tokens)

@@ -24,12 +24,18 @@ import numpy as np
 import torch
 
 from alignkit.config import dump_config, to_dict
+from alignkit.errors import AlignkitError
 
 
 class RunDir:
     def __init__(self, output_dir: str, name: str, stage: str):
         self.path = Path(output_dir) / name / stage
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # run.output_dir (or a folder on the way) is a file, or not writable
+            blocked = next((q for q in [self.path, *self.path.parents] if q.exists() and not q.is_dir()), None)
+            why = f"{blocked} is a file, not a folder" if blocked is not None else (e.strerror or str(e))
+            raise AlignkitError(f"run.output_dir: cannot create the run folder {self.path} ({why})") from None
 
     @property
     def final(self) -> Path:
@@ -92,12 +98,23 @@ def _plain(v):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` (or of the one in folder ``path``). A line that is not a
+    JSON object is passed over: the log is alignkit's own, and the one way it gets such a line is a
+    kill mid-write, whose step is logged again when the run resumes from its last checkpoint."""
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in p.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None  # a line cut short by a kill (or a full disk) while it was being written
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- seeds

@@ -13,25 +13,41 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.errors import DataError
+from alignkit.errors import AlignkitError, DataError
 
 Messages = list[dict]
 
 
-def render_prompt(tokenizer, messages: Messages) -> str:
+def render_prompt(tokenizer, messages: Messages, loc: str = "", field: str = "prompt") -> str:
     """The prompt text up to where the assistant's answer starts.
 
     Uses the tokenizer's chat template; a tokenizer without one (a base model)
-    gets the Anthropic HH layout ``\\n\\nHuman: ...\\n\\nAssistant:``.
+    gets the Anthropic HH layout ``\\n\\nHuman: ...\\n\\nAssistant:``. A template that
+    refuses the conversation (many raise on roles that do not alternate, or on a
+    system message) is a DataError naming the record ``loc`` (``file:line``) and
+    ``field``, or an AlignkitError where no record is known.
     """
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:
+            roles = ", ".join(str(m.get("role")) for m in messages)
+            problem = (f"the model's chat template refuses this conversation ({e}; roles: {roles})")
+            raise record_error(loc, field, problem) if loc else AlignkitError(problem) from None
     names = {"user": "Human", "assistant": "Assistant", "system": "System"}
     return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
 
 
-def encode_prompt(tokenizer, messages: Messages) -> list[int]:
-    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+def record_error(loc: str, field: str | None, problem: str) -> DataError:
+    """A DataError for the record at ``loc`` (``file:line N``, as :func:`~alignkit.data.formats.where` writes it)."""
+    source, _, location = loc.rpartition(":") if loc else ("data", "", None)
+    return DataError(source or loc, location or None, field, problem)
+
+
+def encode_prompt(tokenizer, messages: Messages, loc: str = "", field: str = "prompt") -> list[int]:
+    return tokenizer(render_prompt(tokenizer, messages, loc, field), add_special_tokens=False)["input_ids"]
 
 
 def encode_prompts(tokenizer, prompts: list, max_prompt_length: int | None, on_error: str = "raise", *,
@@ -52,7 +68,11 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_length: int | None, on_e
     kept, ids = [], []
     for ex in prompts:
         policy.total += 1
-        p = encode_prompt(tokenizer, ex.prompt)
+        try:
+            p = encode_prompt(tokenizer, ex.prompt, ex.loc)
+        except DataError as e:  # the chat template refuses it
+            policy.handle(e)
+            continue
         problem = None
         if max_prompt_length is not None and len(p) > max_prompt_length:
             problem = f"prompt is {len(p)} tokens, over {setting}={max_prompt_length}"
@@ -60,8 +80,7 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_length: int | None, on_e
             problem = (f"prompt is {len(p)} tokens: with up to {max_new_tokens} new tokens it does not fit the "
                        f"model's context of {context} tokens")
         if problem:
-            source, _, location = ex.loc.rpartition(":")
-            policy.handle(DataError(source or ex.loc or "prompts", location or None, "prompt", problem))
+            policy.handle(record_error(ex.loc or "prompts", "prompt", problem))
             continue
         kept.append(ex)
         ids.append(p)
@@ -89,12 +108,11 @@ class Encoded:
 def encode_example(tokenizer, prompt: Messages, response: str, max_length: int, loc: str = "",
                    field: str = "completion", prompt_ids: list[int] | None = None) -> Encoded:
     """Tokenise prompt + response; over ``max_length`` is a DataError naming the record."""
-    p = prompt_ids if prompt_ids is not None else encode_prompt(tokenizer, prompt)
+    p = prompt_ids if prompt_ids is not None else encode_prompt(tokenizer, prompt, loc)
     r = encode_response(tokenizer, response)
     if len(p) + len(r) > max_length:
-        source, _, location = loc.rpartition(":") if loc else ("data", "", None)
-        raise DataError(source or loc, location or None, field,
-                        f"prompt + response is {len(p) + len(r)} tokens, over data.max_length={max_length}")
+        raise record_error(loc, field, f"prompt + response is {len(p) + len(r)} tokens, over "
+                                       f"data.max_length={max_length}")
     return Encoded(p + r, len(p))
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.data.io import ErrorPolicy, Record, first_parsed, read_records
-from alignkit.errors import AlignkitError, DataError
+from alignkit.errors import AlignkitError, ConfigError, DataError
 
 Messages = list[dict]
 ROLES = ("system", "user", "assistant")
@@ -163,11 +163,31 @@ def _response(rec: Record, key: str) -> str:
     return msgs[0]["content"]
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the loss is computed in float32: a larger margin is infinite there
+
+
 def _margin(rec: Record) -> float | None:
+    """How much chosen is preferred (a rank gap, a rating difference): a number >= 0. A negative one
+    would tell the loss that rejected may score higher; one past float32's range makes it infinite."""
     m = rec.data.get("margin")
     if m is None or m == "":
         return None
-    return finite_number(rec, "margin", m)
+    number = finite_number(rec, "margin", m)
+    if number < 0:
+        raise rec.error("margin", f"must be >= 0 (how much chosen is preferred), got {m!r}; "
+                                  f"for the other way round swap chosen and rejected")
+    if number > FLOAT32_MAX:
+        raise rec.error("margin", f"must be at most {FLOAT32_MAX:.3g} (the float32 range), got {m!r}")
+    return number
+
+
+def _flag(rec: Record, key: str, value: Any) -> bool:
+    """A true/false field; the text "true" / "false" (any case, as a CSV cell holds it) is read as one."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise rec.error(key, f"must be true or false, got {value!r}")
+    return value
 
 
 def finite_number(rec: Record, key: str, value: Any) -> float:
@@ -226,8 +246,10 @@ def parse_sft(rec: Record) -> SFTExample:
     return SFTExample(_prompt(rec), _response(rec, "completion"), where(rec))
 
 
-def load_sft(path: str, split: str = "train", on_error: str = "raise", limit: int | None = None) -> list[SFTExample]:
-    return _load(path, split, on_error, parse_sft, "SFT records", limit)
+def load_sft(path: str, split: str = "train", on_error: str = "raise", limit: int | None = None,
+             kind: str | None = None) -> list[SFTExample]:
+    """Demonstrations; ``kind``: only the records with that ``kind`` field."""
+    return _load(path, split, on_error, parse_sft, "SFT records", limit, kind)
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -339,8 +361,11 @@ def parse_ranking(rec: Record) -> RankingItem:
         key = f"rankings[{j}]"
         if not isinstance(r, dict):
             raise rec.error(key, "must be an object with labeler and ranks")
-        labeler = str(r.get("labeler", f"labeler{j}"))
-        if r.get("cant_rank"):
+        labeler = r.get("labeler") if r.get("labeler") is not None else f"labeler{j}"
+        if isinstance(labeler, bool) or not isinstance(labeler, (str, int)) or not str(labeler).strip():
+            raise rec.error(key + ".labeler", f"must be a name (text), got {labeler!r}")
+        labeler = str(labeler)
+        if r.get("cant_rank") is not None and _flag(rec, key + ".cant_rank", r["cant_rank"]):
             rankings.append(LabelerRanking(labeler, None, True))
         elif r.get("ranks") is not None:
             rankings.append(LabelerRanking(labeler, _check_ranks(rec, key + ".ranks", r["ranks"], len(comps))))
@@ -433,15 +458,13 @@ def parse_kto(rec: Record) -> KTOExample:
     label = rec.data.get("label")
     if label is None:
         raise rec.error("label", "missing field")
-    if isinstance(label, str) and label.lower() in ("true", "false"):
-        label = label.lower() == "true"
-    if not isinstance(label, bool):
-        raise rec.error("label", f"must be true or false, got {label!r}")
-    return KTOExample(_prompt(rec), _response(rec, "completion"), label, where(rec))
+    return KTOExample(_prompt(rec), _response(rec, "completion"), _flag(rec, "label", label), where(rec))
 
 
-def load_kto(path: str, split: str = "train", on_error: str = "raise", limit: int | None = None) -> list[KTOExample]:
-    return _load(path, split, on_error, parse_kto, "KTO records", limit)
+def load_kto(path: str, split: str = "train", on_error: str = "raise", limit: int | None = None,
+             kind: str | None = None) -> list[KTOExample]:
+    """Thumbs-up / thumbs-down examples; ``kind``: only the records with that ``kind`` field."""
+    return _load(path, split, on_error, parse_kto, "KTO records", limit, kind)
 
 
 def record_kind(rec: Record) -> str | None:
@@ -460,14 +483,47 @@ def parse_prompt(rec: Record) -> PromptExample:
                          where(rec), meta)
 
 
-def load_prompts(path: str, split: str = "train", on_error: str = "raise", kind: str | None = None,
-                 limit: int | None = None) -> list[PromptExample]:
-    """Prompt-only sets; ``builtin:prompts`` is alignkit's own set (train/test split)."""
-    if path == "builtin:prompts":
-        from alignkit.data.builtin import builtin_prompts
+def _sibling(setting: str, name: str) -> str:
+    """The key beside ``setting``: ``data.prompts.format`` -> ``data.prompts.split``; ``--format`` -> ``--split``."""
+    return f"--{name}" if setting.startswith("--") else f"{setting.rpartition('.')[0]}.{name}".lstrip(".")
 
+
+def load_prompts(path: str, split: str = "train", on_error: str = "raise", kind: str | None = None,
+                 limit: int | None = None, fmt: str = "auto", setting: str = "data.format") -> list[PromptExample]:
+    """Prompt-only sets; ``builtin:prompts`` is alignkit's own set (train/test split).
+
+    ``fmt`` is the config's format (key ``setting``): only ``auto`` or ``prompts`` mean anything
+    here, as every record's ``prompt`` field is read whatever else it holds; another one would
+    be ignored, so it is an error.
+    """
+    if fmt not in ("auto", "prompts"):
+        raise ConfigError(f"{setting} must be prompts (or auto) for a stage that samples from prompts, "
+                          f"got '{fmt}' (the 'prompt' field of each record is read)")
+    if path == "builtin:prompts":
+        from alignkit.data.builtin import KINDS, SPLITS, builtin_prompts
+
+        for name, value, allowed in (("split", split, SPLITS), ("kind", kind, KINDS)):
+            if value is not None and value not in allowed:
+                raise ConfigError(f"{_sibling(setting, name)}: builtin:prompts has no {name} {value!r} "
+                                  f"(its {name}s: {', '.join(allowed)})")
         rows = builtin_prompts(split=split, kind=kind)
         out = [PromptExample([{"role": "user", "content": r["prompt"]}], r["kind"], r["id"],
                              f"builtin:prompts:{r['id']}", {"category": r.get("category")}) for r in rows]
         return out[:limit] if limit else out
-    return _load(path, split, on_error, parse_prompt, "prompts", limit, kind or None)
+    return _load(path, split, on_error, _unique_ids(parse_prompt), "prompts", limit, kind or None)
+
+
+def _unique_ids(parse):
+    """``parse``, where a record whose ``id`` an earlier record already has is an error: the id names
+    a prompt in samples, judgements and provenance, and two prompts under one id cannot be told apart."""
+    first: dict[str, str] = {}
+
+    def parse_once(rec: Record):
+        parsed = parse(rec)
+        if parsed.id is not None:
+            if parsed.id in first:
+                raise rec.error("id", f"{parsed.id!r} is also the id of {first[parsed.id]}: ids must be unique")
+            first[parsed.id] = parsed.loc
+        return parsed
+
+    return parse_once

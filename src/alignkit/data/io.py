@@ -8,6 +8,7 @@ list or a Parquet / hub dataset row.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import json
@@ -51,11 +52,19 @@ class JSONProblem(ValueError):
         self.problem, self.line = problem, line
 
 
+class RepeatedKeyProblem(JSONProblem):
+    """JSON that parses, but with a key given twice in one object: a CSV cell holding it is not
+    taken for text (as a cell that is not JSON at all is)."""
+
+
 def parse_json(text: str) -> Any:
-    """``json.loads`` whose every failure is a :class:`JSONProblem`: bad syntax, nesting too deep
-    for the parser (a RecursionError), or a value it refuses (an integer of over 4,300 digits)."""
+    """``json.loads`` whose every failure is a :class:`JSONProblem`: bad syntax, a key given twice in
+    one object, nesting too deep for the parser (a RecursionError), or a value it refuses (an integer
+    of over 4,300 digits)."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKey as e:
+        raise RepeatedKeyProblem(f"key '{_field_name(e.key)}' is given twice in one object (which one is meant?)") from None
     except json.JSONDecodeError as e:
         raise JSONProblem(f"invalid JSON ({e.msg} at column {e.colno})", e.lineno) from None
     except RecursionError:
@@ -63,6 +72,25 @@ def parse_json(text: str) -> Any:
         raise JSONProblem(f"invalid JSON (lists/objects nested more than {MAX_DEPTH} levels deep)", line) from None
     except ValueError as e:
         raise JSONProblem(f"invalid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    # json.loads keeps the last of two equal keys silently: {"chosen": "a", "chosen": "b"} would
+    # train on "b" and drop "a" without a word, so a repeated key is the record's problem.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return out
 
 
 _JSON_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|[\[\]{}\n]')
@@ -230,9 +258,45 @@ def read_yaml(p: str | Path, what: str = "config") -> Any:
     except AlignkitError as e:
         raise ConfigError(str(e)) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_key_loader())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        raise ConfigError(f"{p}: {yaml_problem(e)}") from None
+
+
+def yaml_problem(e: Exception) -> str:
+    """A YAML error on one line: ``invalid YAML at line L, column C: problem`` (PyYAML's own
+    message spans several lines, quoting the text with a caret under it)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"invalid YAML{at}: {problem}"
+
+
+@functools.cache
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """safe_load, except that a key given twice in one mapping is an error: PyYAML would keep
+        the last silently, so one of two settings (``model:`` written twice) would be ignored."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` merges on purpose
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: construct_mapping reports it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def _jsonl(p: Path) -> Iterator[Record]:
@@ -297,7 +361,13 @@ def _csv(p: Path) -> Iterator[Record]:
             yield Record(str(p), f"row {i}", {"__invalid__": f"not UTF-8 text (byte 0x{byte:02x}; save the file "
                                                              f"as UTF-8)"})
             continue
-        yield Record(str(p), f"row {i}", {k: _csv_value(v) for k, v in row.items()})
+        try:
+            values = {k: _csv_value(v) for k, v in row.items()}
+        except RepeatedKeyProblem as e:
+            column = next(k for k, v in row.items() if _repeats_a_key(v))
+            yield Record(str(p), f"row {i}", invalid(e.problem, _field_name(column)))
+            continue
+        yield Record(str(p), f"row {i}", values)
 
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
@@ -308,9 +378,19 @@ def _csv_value(v: str | None):
     if v is not None and v[:1] in "[{":
         try:
             return parse_json(v)
+        except RepeatedKeyProblem:
+            raise
         except JSONProblem:
             return v
     return v
+
+
+def _repeats_a_key(v: str | None) -> bool:
+    try:
+        _csv_value(v)
+    except RepeatedKeyProblem:
+        return True
+    return False
 
 
 def _parquet(p: Path) -> Iterator[Record]:

@@ -502,12 +502,17 @@ def ranking_records(n: int, k: int = 4, seed: int = 0) -> list[dict]:
     return records
 
 
-def synthetic_records(spec: str, as_sft: bool = False) -> list[Record]:
+def synthetic_records(spec: str, as_sft: bool = False, kind: str | None = None) -> list[Record]:
     """Records generated in code: ``synthetic:polite_vs_rude`` or ``synthetic:rankings``.
 
     Options go in a query string (``?n=2000&seed=0``, ``&k=4`` for rankings). With
     ``as_sft`` a pair becomes the demonstration ``{prompt, completion: chosen}``.
+    ``kind`` is the run's ``data.kind``: these records carry none, so any is an error
+    rather than a filter that would be ignored.
     """
+    if kind is not None:
+        raise AlignkitError(f"data.kind={kind!r}: {spec} has no kinds to filter by (its records carry no "
+                            f"'kind' field); leave data.kind unset")
     name, _, query = spec.removeprefix("synthetic:").partition("?")
     options = dict(parse_qsl(query))
     try:

@@ -236,7 +236,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
     # -- setup: prompts, reward, the model, all on the engine's device (each round's
     #    fine-tuning runs on an engine of its own, for cfg.train's precision)
-    prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.on_error, cfg.data.kind, cfg.data.limit)
+    prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.on_error, cfg.data.kind, cfg.data.limit,
+                           fmt=cfg.data.format)
     engine = Engine(seed=cfg.run.seed)
     if engine.is_main:
         run.write_config(cfg)

@@ -44,7 +44,7 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, opt, to_dict
 from alignkit.data.collate import (Encoded, collate, encode_example, encode_prompt, encode_response, length_chunks,
-                                   shift_for_lm)
+                                   record_error, shift_for_lm)
 from alignkit.data.formats import (KTOExample, PreferencePair, detect_file_format, load_kto, load_preferences,
                                    parse_preference, parse_ranking, ranking_to_pairs)
 from alignkit.errors import AlignkitError, DataError
@@ -118,7 +118,7 @@ def _load_records(path: str, data: DataConfig, kto: bool) -> list:
         if not kto:
             raise AlignkitError(f"{path}: these are KTO records (prompt, completion, label); "
                                 f"they need loss.type=kto")
-        return load_kto(path, data.split, data.on_error, data.limit)
+        return load_kto(path, data.split, data.on_error, data.limit, kind=data.kind)
     return load_preferences(path, data.split, data.on_error, fmt, limit=data.limit, kind=data.kind)
 
 
@@ -126,7 +126,7 @@ def _synthetic_pairs(path: str, data: DataConfig) -> list[PreferencePair]:
     """``synthetic:polite_vs_rude?n=..&seed=..`` (or ``synthetic:rankings``), as alignkit rm reads them."""
     from alignkit.data.synthetic import synthetic_records
 
-    records = synthetic_records(path)
+    records = synthetic_records(path, kind=data.kind)
     pairs: list[PreferencePair] = []
     for group, rec in enumerate(records[:data.limit] if data.limit else records):
         if "completions" in rec.data:
@@ -165,9 +165,8 @@ def _unpair(records: list) -> list[KTOExample]:
 
 def _check_prompt(prompt_ids: list[int], data: DataConfig, loc: str) -> None:
     if len(prompt_ids) > data.max_prompt_length:
-        source, _, location = loc.rpartition(":")
-        raise DataError(source or loc, location or None, "prompt",
-                        f"prompt is {len(prompt_ids)} tokens, over data.max_prompt_length={data.max_prompt_length}")
+        raise record_error(loc, "prompt", f"prompt is {len(prompt_ids)} tokens, over "
+                                          f"data.max_prompt_length={data.max_prompt_length}")
 
 
 def _encode(records: list, tok, data: DataConfig, kto: bool) -> list[Example]:
@@ -175,7 +174,7 @@ def _encode(records: list, tok, data: DataConfig, kto: bool) -> list[Example]:
     out, skipped, first_error = [], 0, None
     for i, r in enumerate(records):
         try:
-            prompt_ids = encode_prompt(tok, r.prompt)
+            prompt_ids = encode_prompt(tok, r.prompt, r.loc)
             _check_prompt(prompt_ids, data, r.loc)
             if kto:
                 a = encode_example(tok, r.prompt, r.completion, data.max_length, r.loc, "completion", prompt_ids)

@@ -88,7 +88,8 @@ def _load_pairs(path: str, cfg: Config) -> list[PreferencePair]:
     if not path.startswith("synthetic:"):
         fmt = "auto" if data.format == "auto" else data.format
         return load_preferences(path, data.split, data.on_error, fmt, cfg.aggregate, data.limit, data.kind)
-    records = synthetic_records(path)[:data.limit] if data.limit else synthetic_records(path)
+    records = synthetic_records(path, kind=data.kind)
+    records = records[:data.limit] if data.limit else records
     pairs: list[PreferencePair] = []
     for group, rec in enumerate(records):
         if "completions" in rec.data:

@@ -63,9 +63,9 @@ class Config:
 
 def _load_sft(path: str, data: DataConfig) -> list[SFTExample]:
     if path.startswith("synthetic:"):
-        examples = [parse_sft(rec) for rec in synthetic_records(path, as_sft=True)]
+        examples = [parse_sft(rec) for rec in synthetic_records(path, as_sft=True, kind=data.kind)]
         return examples[:data.limit] if data.limit else examples
-    return load_sft(path, data.split, data.on_error, data.limit)
+    return load_sft(path, data.split, data.on_error, data.limit, kind=data.kind)
 
 
 def load_demonstrations(data: DataConfig, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
