@@ -381,6 +381,10 @@ def test_resuming_another_models_checkpoint_is_a_one_line_error(tmp_path, capsys
     (tmp_path / "tiny" / "sft" / "DONE").unlink()
     capsys.readouterr()
     assert cli.main(args + ["train.max_steps=4", "model.lora.enabled=true", "--resume"]) == 2
+    err = capsys.readouterr().err  # the run's config.yaml says which setting changed
+    assert "model.lora.enabled: False -> True" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "tiny" / "sft" / "config.yaml").unlink()  # without it, the weights tell
+    assert cli.main(args + ["train.max_steps=4", "model.lora.enabled=true", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "checkpoints: cannot read checkpoint (step-000002:" in err and len(err.strip().splitlines()) == 1
 

@@ -383,7 +383,9 @@ def generate(model, tokenizer, prompts: list[Messages], gen: GenerationConfig, n
     order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][0]]))
     results: dict[int, Generation] = {}
     eos = tokenizer.eos_token_id
-    with engine.for_generation(model) as inner, engine.autocast():
+    # together: a non-finite distribution in one process's share stops every process with the error,
+    # rather than leaving the others waiting for its results in the gather below
+    with engine.together(), engine.for_generation(model) as inner, engine.autocast():
         sampler = sampler_model(inner, gen, engine)
         for start in range(0, len(order), gen.batch_size):
             chunk = order[start:start + gen.batch_size]
@@ -573,7 +575,8 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     sampled: list[list[float]] = []
     gen = dataclasses.replace(gen, do_sample=True, top_k=0, top_p=1.0)
     # in the precision the policy trains in (mixed precision autocasts the forwards), or gen.dtype's
-    with engine.for_generation(actor_critic) as inner, engine.autocast():
+    # together: a non-finite distribution in one process's share stops every process (see generate)
+    with engine.together(), engine.for_generation(actor_critic) as inner, engine.autocast():
         sampler = sampler_model(inner.policy, gen, engine)
         if not score_policy and inner.has_critic:
             raise ValueError("score_policy=False needs a critic-free policy")

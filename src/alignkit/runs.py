@@ -46,7 +46,11 @@ class RunDir:
         return self.path / "checkpoints"
 
     def write_config(self, cfg: Any) -> None:
-        dump_config(cfg, self.path / "config.yaml")
+        # under a temporary name, then renamed: a kill mid-write leaves the previous config.yaml,
+        # which --resume compares the new config with
+        tmp = self.path / ".config.yaml.tmp"
+        dump_config(cfg, tmp)
+        os.replace(tmp, self.path / "config.yaml")
 
     def mark_done(self, summary: dict | None = None) -> None:
         (self.path / "DONE").write_text(json.dumps(summary or {}, indent=2, default=float))

@@ -165,6 +165,7 @@ class Start:
     step: int = 0
     extra: dict | None = None
     done: bool = False
+    checkpoint: Path | None = None  # the folder resumed from
 
 
 class _NoLogger:
@@ -451,8 +452,14 @@ class Engine:
         - ``--resume``: the latest checkpoint's model, optimizer, scheduler and RNG
           states are loaded (prepare them first), or step 0 when there is none.
 
+        A ``--resume`` whose config differs from the run's ``config.yaml`` in anything but
+        :data:`RESUMABLE_CHANGES` (its checkpoints would continue another run), or whose latest
+        checkpoint is past ``last_step``, is an error.
+
         Writes the resolved config and opens the metrics log (main process only).
         """
+        if resume and (run.is_done() or checkpoints(run)):
+            check_resumable_config(run, cfg)  # every process: each raises the same error, none waits
         if resume and run.is_done() and done_step(run) == last_step and run.final.exists():
             self.print(f"alignkit: {run.path} is already complete ({last_step} steps)")
             return Start(last_step, None, done=True)
@@ -466,6 +473,10 @@ class Engine:
             start = Start()
         else:
             start = self.load_checkpoint(run, model)
+            if start.step > last_step:  # the loop would run no step and save the checkpoint's model as final
+                raise ConfigError(f"--resume: the checkpoint of {run.path} to resume from is step {start.step}, past this "
+                                  f"config's last step {last_step}: ask for at least {start.step} steps, or start "
+                                  f"without --resume")
         if self.is_main:
             run.write_config(cfg)
         self._logger = self.open_log(run, resume_step=start.step if resume else None)
@@ -536,7 +547,7 @@ class Engine:
                 continue
             if failures:
                 self.print(f"alignkit: could not load {'; '.join(failures)}; resuming from {path.name}")
-            return Start(step, extra)
+            return Start(step, extra, checkpoint=path)
         if failures:
             raise AlignkitError(f"{run.checkpoints}: cannot read checkpoint ({'; '.join(failures)}); start "
                                 f"without --resume to train from the beginning")
@@ -599,6 +610,53 @@ class Engine:
             return True
         plugin = getattr(acc.state, "deepspeed_plugin", None)
         return acc.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+# Keys a ``--resume`` may change: how long the run is, how often it logs, evaluates and saves, and
+# how the work is carried out (not its arithmetic). Any other change (model, LoRA, data, batch size,
+# learning rate, seed, precision, sampling) would continue the checkpoints of one run as another.
+RESUMABLE_CHANGES = ("run.output_dir", "run.name", "train.max_steps", "train.epochs", "ppo.steps", "rl.steps",
+                     "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+                     "train.gradient_checkpointing", "model.cache_dir", "model.attn_implementation",
+                     "generation.batch_size", "generation.cache")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_resumable_config(run: RunDir, cfg: Any) -> None:
+    """ConfigError naming the keys where ``cfg`` differs from the config the run in ``run`` was
+    trained with (its ``config.yaml``), other than :data:`RESUMABLE_CHANGES`. A run folder without
+    config.yaml (written by an older alignkit) is not checked."""
+    import yaml
+
+    from alignkit.config import to_dict
+
+    file = run.path / "config.yaml"
+    if not file.exists():
+        return
+    try:
+        before = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise AlignkitError(f"{file}: cannot read the config the run was trained with ({type(e).__name__}), so "
+                            f"--resume cannot check it is the same run; start without --resume") from None
+    if not isinstance(before, dict):
+        raise AlignkitError(f"{file}: not the config the run was trained with (a YAML mapping); "
+                            f"start without --resume")
+    old = _flat(before)
+    new = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False)))  # as config.yaml holds it
+    changed = [k for k in sorted(old.keys() | new.keys())
+               if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    if changed:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ConfigError(f"--resume: {run.path} was trained with another config ({shown}{more}; from {file}); "
+                          f"its checkpoints would continue that run as this one. Set these back, or start "
+                          f"without --resume (only step counts and how often to log, evaluate and save may "
+                          f"change on a resume)")
 
 
 def eval_batches(mine: list, batch_size: int, count: int, stand_in: list) -> Iterator[tuple[list, float]]:
