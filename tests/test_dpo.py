@@ -189,7 +189,7 @@ def test_bad_input_is_one_located_line(tmp_path, capsys):
     assert dpo(tmp_path, f"data.path={data}", "data.on_error=skip", "train.max_steps=1", "data.eval_fraction=0") == 0
     assert "skipped 1 of 6" in capsys.readouterr().out
     assert dpo(tmp_path, f"data.path={data}", "loss.label_smoothing=0.7") == 2
-    assert "'loss.label_smoothing' must be <= 0.5" in capsys.readouterr().err
+    assert "'loss.label_smoothing' must be < 0.5" in capsys.readouterr().err
 
 
 def test_shipped_dpo_configs_load():

@@ -214,9 +214,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, algorithm):
 
 
 def test_filtered_groups_are_counted_and_left_out(tmp_path):
-    # A constant reward: every group is uniform, so nothing is left to learn from.
+    # A constant reward: every group is uniform, so nothing is left to learn from (and a run that
+    # learned nothing is not a success: exit 2, see test_hardening_probe_config.py).
     assert cli.main(["rl", "--config", str(TINY), f"run.output_dir={tmp_path}", "rl.steps=2",
-                     "rl.filter_uniform_groups=true", "reward.spec=python:test_rl:constant"]) == 0
+                     "rl.filter_uniform_groups=true", "reward.spec=python:test_rl:constant"]) == 2
     rows = read_metrics(tmp_path / "tiny" / "rl")
     assert [r["filtered_groups"] for r in rows] == [8.0, 8.0]
     assert rows[0].get("policy_loss") is None  # no update ran

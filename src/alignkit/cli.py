@@ -105,6 +105,7 @@ def entry() -> None:
     finished run into a failed launch. Everything the run writes is closed by then
     (run folders, logs, checkpoints), so nothing is lost by skipping the teardown.
     """
+    _plain_warnings()
     code = main()
     if _launched():
         import logging
@@ -114,6 +115,26 @@ def entry() -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _plain_warnings() -> None:
+    """alignkit's own warnings (skipped records, a setting that runs but not as its value suggests)
+    as one line, ``alignkit: warning: ...``, like its errors, rather than Python's two lines that
+    quote the source file."""
+    import warnings
+
+    from alignkit.data.io import DataWarning
+    from alignkit.errors import ConfigWarning
+
+    python_format = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (DataWarning, ConfigWarning)):
+            print(f"{_process_prefix()}alignkit: warning: {message}", file=file or sys.stderr)
+        else:
+            python_format(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _launched() -> bool:

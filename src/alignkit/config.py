@@ -18,13 +18,14 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, ConfigWarning
 
 T = TypeVar("T")
 
@@ -272,6 +273,39 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     else:
         return value
     raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
+
+
+def reject_unused(cfg: Any, unused: dict[str, str]) -> None:
+    """Refuse a setting the stage would not read: ``unused`` maps a dotted key to why it is not
+    used (and what to set instead); a key whose value differs from the default of ``type(cfg)``
+    is a ConfigError naming it. Left at its default, such a key is harmless and passes."""
+    defaults = type(cfg)()
+    for key, why in unused.items():
+        value, default = cfg, defaults
+        for part in key.split("."):
+            value, default = getattr(value, part), getattr(default, part)
+        if value != default:
+            raise ConfigError(f"{key}={value} is not used {why}")
+
+
+def check_warmup(train: TrainConfig, optimizer_steps: int, what: str = "") -> None:
+    """A ConfigWarning when the linear warm-up does not end within the run: the learning rate then
+    never reaches ``train.learning_rate`` (the run trains at a fraction of it). A warning, not an
+    error: a short trial run of a full config (``train.max_steps=1``) is a reasonable thing to do."""
+    if train.warmup_steps > optimizer_steps:
+        warnings.warn(ConfigWarning(
+            f"train.warmup_steps={train.warmup_steps} is more than the run's {optimizer_steps} optimizer steps"
+            f"{f' ({what})' if what else ''}: the learning rate never reaches train.learning_rate="
+            f"{train.learning_rate:g}"), stacklevel=2)
+
+
+def check_held_out(data: DataConfig, train: TrainConfig) -> None:
+    """A ConfigWarning when ``train.eval_every`` has no held-out set to evaluate (sft, rm, dpo): the
+    interval then does nothing, which is said rather than passed over."""
+    if train.eval_every and not data.eval_path and not data.eval_fraction:
+        warnings.warn(ConfigWarning(
+            f"train.eval_every={train.eval_every} has no held-out set to evaluate (data.eval_fraction=0 and no "
+            f"data.eval_path): no evaluation runs"), stacklevel=2)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -39,3 +39,8 @@ class NonFiniteError(AlignkitError):
 
 class NotBuiltError(AlignkitError):
     """A stage that exists in the CLI but is not implemented yet."""
+
+
+class ConfigWarning(UserWarning):
+    """A setting that runs, but not as its value suggests (a warm-up the run never finishes, an
+    evaluation interval with nothing held out to evaluate)."""

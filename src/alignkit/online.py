@@ -40,6 +40,16 @@ def load_prompt_set(d: DataConfig, tok, context: int | None = None,
     return kept, ids
 
 
+def online_unused(prompts: str, who: str) -> dict[str, str]:
+    """The shared settings an online optimiser (ppo, rl) does not read, for
+    :func:`~alignkit.config.reject_unused`: it samples from prompts and holds none out."""
+    return {f"{prompts}.eval_fraction": f"{who}: it holds no prompts out (alignkit eval compares models)",
+            f"{prompts}.eval_path": f"{who}: it holds no prompts out (alignkit eval compares models)",
+            f"{prompts}.max_length": f"{who}: {prompts}.max_prompt_length bounds a prompt and "
+                                     f"generation.max_new_tokens its answer",
+            "train.eval_every": f"{who}: it has no held-out evaluation (alignkit eval compares models)"}
+
+
 def prompt_batch(n_prompts: int, batch: int, seed: int, step: int) -> list[int]:
     """Prompt indices of iteration ``step`` (1-based): a reshuffled pass over the set per epoch.
 

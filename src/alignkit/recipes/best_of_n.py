@@ -90,6 +90,10 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"sampling.keep={cfg.sampling.keep} must be <= sampling.n={cfg.sampling.n}")
     if not cfg.data.path:
         raise ConfigError("data.path is empty: give prompts (a file, a hub dataset or builtin:prompts)")
+    if cfg.sampling.n > 1 and not cfg.generation.do_sample:
+        raise ConfigError(f"sampling.n={cfg.sampling.n} samples per prompt with generation.do_sample=false are "
+                          f"{cfg.sampling.n} identical answers, the best of them the one greedy answer; "
+                          f"set generation.do_sample=true (or sampling.n=1)")
 
 
 # --------------------------------------------------------------------------- one round's pieces

@@ -268,10 +268,19 @@ def _sft_config(cfg: Config):
                       train=cfg.supervised.train, run=cfg.run)
 
 
+def check_config(cfg: Config) -> None:
+    """Cross-field rules the per-field ranges cannot express."""
+    if cfg.feedback.enabled and not cfg.generation.do_sample:
+        # phase 2 compares two answers to each prompt: greedy decoding gives the same one twice
+        raise ConfigError("cai's feedback phase compares two sampled answers per prompt: generation.do_sample=false "
+                          "gives the same answer twice; set generation.do_sample=true (or feedback.enabled=false)")
+
+
 def main(cfg: Config, resume: bool = False) -> Path:
     from alignkit.data.collate import encode_prompts
     from alignkit.models import load_causal_lm, load_tokenizer, model_context
 
+    check_config(cfg)
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
     if resume and run.is_done() and (run.final / "sft.jsonl").exists():
         print(f"alignkit cai: {run.final} is already complete")

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, opt, to_dict
+from alignkit.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, check_held_out, check_warmup, opt,
+                             reject_unused, to_dict)
 from alignkit.data.collate import (Encoded, collate, encode_example, encode_prompt, encode_response, length_chunks,
                                    record_error, shift_for_lm)
 from alignkit.data.formats import (KTOExample, PreferencePair, detect_file_format, load_kto, load_preferences,
@@ -69,7 +70,8 @@ FORWARD_CHUNK = 4
 class LossConfig:
     type: str = opt("dpo", choices=("dpo", "ipo", "simpo", "kto"))
     beta: float = opt(0.1, gt=0, help="dpo/ipo/kto: strength of the implicit KL constraint; simpo: reward scale")
-    label_smoothing: float = opt(0.0, ge=0, le=0.5, help="dpo only: conservative DPO's label-flip probability")
+    label_smoothing: float = opt(0.0, ge=0, lt=0.5, help="dpo only: conservative DPO's label-flip probability "
+                                                       "(0.5: coin-flip labels, nothing to learn)")
     simpo_gamma: float = opt(0.5, ge=0, help="simpo only: target reward margin")
     average_logprobs: bool = opt(False, help="dpo/ipo/kto: mean instead of sum of token log-probs "
                                              "(simpo always length-normalises)")
@@ -427,7 +429,18 @@ def evaluate(model, examples: list[Example], ref: dict | None, cfg: Config, pad_
 # --------------------------------------------------------------------------- the recipe
 
 
+def check_config(cfg: Config) -> None:
+    """The loss settings of other loss types, which this one would not read."""
+    kind = cfg.loss.type
+    unused = {"loss.label_smoothing": ("dpo", "conservative DPO's"), "loss.simpo_gamma": ("simpo", "SimPO's"),
+              "loss.kto_desirable_weight": ("kto", "KTO's"), "loss.kto_undesirable_weight": ("kto", "KTO's")}
+    reject_unused(cfg, {key: f"by loss.type={kind}: it is {whose} setting (loss.type={owner})"
+                        for key, (owner, whose) in unused.items() if owner != kind})
+    check_held_out(cfg.data, cfg.train)
+
+
 def main(cfg: Config, resume: bool = False) -> dict:
+    check_config(cfg)
     engine = Engine(cfg.train.mixed_precision, seed=cfg.run.seed)
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
     tok = load_tokenizer(cfg.model.name, cfg.model.cache_dir, padding_side="right")
@@ -440,6 +453,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     model, optimizer, scheduler = engine.prepare(model, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
     n_procs = engine.num_processes
     n_steps = total_steps(len(train_set), cfg.train, n_procs)
+    check_warmup(cfg.train, n_steps)
     spe = steps_per_epoch(len(train_set), cfg.train, n_procs)
     pad_id = tok.pad_token_id
     engine.print(f"dpo: {len(train_set)} training and {len(eval_set)} held-out examples, loss {cfg.loss.type}, "

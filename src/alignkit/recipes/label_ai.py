@@ -232,6 +232,9 @@ def main(cfg: Config, resume: bool = False) -> Path:
     # 1. responses: the given completions, or K samples per prompt from the model (each process its share)
     items = _given_completions(cfg.data.path, cfg.data.split, cfg.data.limit, cfg.data.on_error)
     if items is None:
+        if not cfg.generation.do_sample:  # greedy decoding: k identical answers, nothing to rank
+            raise ConfigError(f"label-ai samples k={cfg.k} answers per prompt to rank: generation.do_sample=false "
+                              f"gives k identical answers; set generation.do_sample=true")
         prompts = load_prompts(cfg.data.path, cfg.data.split, cfg.data.on_error, cfg.data.kind, cfg.data.limit)
         items = _sample(cfg, prompts, engine)
 

@@ -40,6 +40,7 @@ rollout's responses), checkpoints/, final/ (the policy, save_model), DONE.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,13 +52,14 @@ from torch import nn
 from alignkit.actor_critic import ActorCritic, reference_forward
 from alignkit.advantages import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_shaped_rewards,
                                  masked_mean, masked_whiten)
-from alignkit.config import DataConfig, GenerationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, opt
+from alignkit.config import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, check_warmup,
+                             opt, reject_unused)
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import entropy_bonus, entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from alignkit.models import is_peft, load_causal_lm, load_sequence_scorer, load_tokenizer, model_context
 from alignkit.rewards import build_reward
-from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metrics, memory_metrics, prompt_batch,
-                             rollout_samples, run_steps, score_rollout)
+from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metrics, memory_metrics, online_unused,
+                             prompt_batch, rollout_samples, run_steps, score_rollout)
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout, sampler_mismatch
 from alignkit.runs import RunDir
 from alignkit import training
@@ -108,7 +110,7 @@ class PPOSection:
     samples_per_prompt: int = opt(1, ge=1)
     minibatch_size: int = opt(8, ge=1, help="sequences per optimizer step (split in train.grad_accum)")
     ppo_epochs: int = opt(4, ge=1)
-    clip_eps: float = opt(0.2, gt=0)
+    clip_eps: float = opt(0.2, gt=0, lt=1, help="ratio clip; 1 or more would not clip below (the ratio is > 0)")
     value_clip_eps: float | None = opt(0.2, gt=0, help="null: no value clipping")
     vf_coef: float = opt(0.1, ge=0, help="c1")
     ent_coef: float = opt(0.0, ge=0, help="c2")
@@ -150,6 +152,15 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("value.init and value.lora apply to a separate critic: set value.mode=separate")
     if cfg.train.max_steps is not None:
         raise ConfigError("train.max_steps is not used by PPO; set ppo.steps")
+    reject_unused(cfg, {**online_unused("data.prompts", "by PPO"),
+                        "train.epochs": "by PPO: set ppo.ppo_epochs (passes over each rollout) or ppo.steps",
+                        "train.batch_size": "by PPO: set ppo.rollout_batch_size and ppo.minibatch_size"})
+    if not cfg.ppo.kl.adaptive:
+        reject_unused(cfg, {f"ppo.kl.{k}": "by a fixed KL coefficient: set ppo.kl.adaptive=true"
+                            for k in ("target", "horizon")})
+    p = cfg.ppo
+    check_warmup(cfg.train, p.steps * p.ppo_epochs * n // p.minibatch_size,
+                 "ppo.steps x ppo.ppo_epochs x minibatches per rollout")
 
 
 # --------------------------------------------------------------------------- models
@@ -278,8 +289,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     start = engine.start(run, cfg, cfg.ppo.steps, resume, setup.ac)
     if start.done:
         return json.loads((run.path / "DONE").read_text() or "{}")
-    if start.extra:
-        setup.kl_ctl.load_state_dict(start.extra["kl_controller"])
+    if start.step:
+        setup.kl_ctl.load_state_dict(checkpoint_kl_state(start))
     p = cfg.ppo
     engine.print(f"ppo: {len(setup.prompts)} prompts, {p.rollout_batch_size} x {p.samples_per_prompt} samples per "
                  f"step x {engine.num_processes} process(es), {p.steps} steps, value {cfg.value.mode}, "
@@ -293,6 +304,18 @@ def main(cfg: Config, resume: bool = False) -> dict:
     summary = finish_run(engine, run, p.steps, last)
     engine.print(f"ppo: done; policy in {run.final}")
     return summary
+
+
+def checkpoint_kl_state(start) -> dict:
+    """The KL controller's state saved beside a checkpoint; resuming without it would restart an adaptive
+    coefficient from ppo.kl.coef, which is not the same run."""
+    state = (start.extra or {}).get("kl_controller")
+    value = state.get("value") if isinstance(state, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise AlignkitError(f"{start.checkpoint / 'meta.json'}: field 'extra.kl_controller.value' must be a finite "
+                            f"number >= 0 (the KL coefficient to resume with), got {value!r}; start without --resume, "
+                            f"or remove this checkpoint to resume from the one before")
+    return {"value": float(value)}
 
 
 def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict, list[dict]]:

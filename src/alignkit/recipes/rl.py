@@ -48,6 +48,7 @@ curves.png, samples.jsonl, checkpoints/, final/, DONE.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,13 +58,14 @@ import torch
 from alignkit.actor_critic import ActorCritic, reference_forward
 from alignkit.advantages import (gae, group_advantages, kl_shaped_rewards, leave_one_out_advantages, masked_mean,
                                  masked_whiten, uniform_groups)
-from alignkit.config import DataConfig, GenerationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, opt
-from alignkit.errors import ConfigError
+from alignkit.config import (DataConfig, GenerationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig, check_warmup,
+                             opt, reject_unused)
+from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import (AGGREGATIONS, aggregation_weights, clipped_policy_loss, dpo_loss, entropy_from_logits,
                              ipo_loss, kl_loss, sequence_logprobs)
 from alignkit.models import load_causal_lm, load_tokenizer, model_context
-from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metrics, memory_metrics, prompt_batch,
-                             rollout_samples, run_steps, score_rollout)
+from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metrics, memory_metrics, online_unused,
+                             prompt_batch, rollout_samples, run_steps, score_rollout)
 from alignkit.rewards import build_reward
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout, sampler_mismatch
 from alignkit.runs import RunDir
@@ -71,6 +73,7 @@ from alignkit.training import Engine, build_optimizer, build_scheduler, trainabl
 
 STAGE = "rl"
 ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "online_dpo")
+NO_ADVANTAGE = 1e-6  # |advantage| at most this: float rounding of equal scores, nothing to learn
 
 
 # --------------------------------------------------------------------------- config
@@ -147,6 +150,19 @@ def check_config(cfg: Config) -> None:
                           "top_p=1.0, top_k=0 (use generation.temperature to sharpen)")
     if cfg.train.max_steps is not None:
         raise ConfigError("train.max_steps is not used here; set rl.steps")
+    reject_unused(cfg, {**online_unused("data.prompts", "by alignkit rl"),
+                        "train.epochs": "by alignkit rl: set rl.epochs (passes over each rollout) or rl.steps",
+                        "train.batch_size": "by alignkit rl: set rl.prompts_per_step and rl.minibatch_size"})
+    # the knobs of one algorithm, silently ignored by the others
+    owners = {"rl.gamma": ("reinforce_pp",), "rl.dpo_beta": ("online_dpo",), "rl.dpo_loss": ("online_dpo",),
+              "rl.scale_rewards": ("grpo",), "rl.kl_in": ("grpo", "rloo", "reinforce_pp")}
+    reject_unused(cfg, {key: f"by rl.algorithm={r.algorithm}: it is a setting of {' and '.join(algos)}"
+                        for key, algos in owners.items() if r.algorithm not in algos})
+    if r.algorithm == "online_dpo":  # pairs: at most one per prompt, in minibatches of minibatch_size / 2 pairs
+        updates = math.ceil(r.prompts_per_step / max(1, r.minibatch_size // 2))
+    else:
+        updates = math.ceil(rows / r.minibatch_size)
+    check_warmup(cfg.train, r.steps * r.epochs * updates, "rl.steps x rl.epochs x minibatches per rollout")
 
 
 # --------------------------------------------------------------------------- advantages
@@ -340,6 +356,7 @@ class Setup:
     prompt_ids: list[list[int]]
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    learned_steps: int = 0  # steps with a pair or a non-zero advantage: equal scores in every group give none
 
 
 def build(cfg: Config, engine: Engine) -> Setup:
@@ -374,6 +391,12 @@ def main(cfg: Config, resume: bool = False) -> dict:
                  f"{setup.reward_fn.name}")
     last = run_steps(engine, run, start.step + 1, r.steps, lambda step: rl_step(step, cfg, setup, engine),
                      cfg.train, f"rl {r.algorithm}")
+    if start.step == 0 and not setup.learned_steps:
+        # Not a success: the policy is the model it started from (a reward that scores every
+        # answer alike, or answers all the same, leaves every advantage 0 and no pair).
+        raise AlignkitError(f"rl ({r.algorithm}): no step of the {r.steps} had anything to learn (every group's "
+                            f"scores were equal, or no pair differed), so the policy was never updated; check "
+                            f"reward.spec ({setup.reward_fn.name}) and generation.temperature")
     engine.save_final(engine.unwrap(setup.model).policy, setup.tok, run.final,
                       extra={"stage": STAGE, "algorithm": r.algorithm, "base": cfg.model.name,
                              "reward": str(cfg.reward.spec), "steps": r.steps})
@@ -414,6 +437,7 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
         extra.update(pairs=float(len(pairs)), tied_pairs=float(ties))
         records = dpo_update(setup.model, rollout, pairs, setup.optimizer, setup.scheduler, cfg, generator, engine,
                              step) if pairs else []
+        learned = bool(pairs)
     else:
         advantages, _ = rollout_advantages(cfg, rollout, scores)
         rows = list(range(len(rollout)))
@@ -423,7 +447,11 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
             extra["filtered_groups"] = float(flat.sum())
         records = policy_update(setup.model, rollout, advantages, rows, setup.optimizer, setup.scheduler, cfg,
                                 generator, engine, step) if rows else []
+        # Equal scores in every group leave every advantage 0 (up to the rounding of their mean);
+        # the update then only follows float noise (a k3 KL term of a policy that is the reference).
+        learned = bool(rows) and float(advantages[rows].abs().max()) > NO_ADVANTAGE
     t3 = time.perf_counter()
+    setup.learned_steps += learned
 
     mask = rollout.mask
     seq_kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(-1)

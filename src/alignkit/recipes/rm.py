@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, opt
+from alignkit.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, check_held_out, check_warmup, opt,
+                             reject_unused)
 from alignkit.data.collate import length_chunks
 from alignkit.data.formats import (AGGREGATION_RULES, PreferencePair, load_preferences, parse_preference,
                                    parse_ranking, ranking_to_pairs)
@@ -247,6 +248,7 @@ def train_rm(cfg: Config, pairs: list[PreferencePair], run_dir: RunDir | str | P
     model, optimizer, scheduler = engine.prepare(model, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
     n_units, n_procs = len(train.units), engine.num_processes
     last_step = total_steps(n_units, cfg.train, n_procs)
+    check_warmup(cfg.train, last_step)
     spe = steps_per_epoch(n_units, cfg.train, n_procs)
     eval_batch = cfg.train.batch_size * 2
     start = engine.start(run, cfg, last_step, resume, model)
@@ -325,7 +327,16 @@ def train_rm(cfg: Config, pairs: list[PreferencePair], run_dir: RunDir | str | P
     return run.final
 
 
+def check_config(cfg: Config) -> None:
+    """Settings alignkit rm would not read."""
+    reject_unused(cfg, {"data.max_prompt_length": "by alignkit rm: data.max_length bounds prompt + response"})
+    if not cfg.use_margin:
+        reject_unused(cfg, {"margin_scale": "without use_margin=true (the loss then ignores margins)"})
+    check_held_out(cfg.data, cfg.train)
+
+
 def main(cfg: Config, resume: bool = False) -> Path:
+    check_config(cfg)
     pairs, eval_pairs = load_pairs(cfg)
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
     engine = Engine(cfg.train.mixed_precision, seed=cfg.run.seed)

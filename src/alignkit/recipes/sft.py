@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, opt
+from alignkit.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, check_held_out, check_warmup, opt,
+                             reject_unused)
 from alignkit.data.collate import Encoded, collate, encode_example, shift_for_lm
 from alignkit.data.formats import SFTExample, load_sft, parse_sft
 from alignkit.data.io import ErrorPolicy
@@ -221,6 +222,7 @@ def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | P
     model, optimizer, scheduler = engine.prepare(model, optimizer, build_scheduler(optimizer, cfg.train), cfg.train)
     n_procs = engine.num_processes
     last_step = total_steps(len(train_units), cfg.train, n_procs)
+    check_warmup(cfg.train, last_step)
     spe = steps_per_epoch(len(train_units), cfg.train, n_procs)
     start = engine.start(run, cfg, last_step, resume, model)
     if start.done:
@@ -280,7 +282,14 @@ def train_sft(cfg: Config, examples: list[SFTExample], run_dir: RunDir | str | P
     return run.final
 
 
+def check_config(cfg: Config) -> None:
+    """Settings alignkit sft would not read."""
+    reject_unused(cfg, {"data.max_prompt_length": "by alignkit sft: data.max_length bounds prompt + completion"})
+    check_held_out(cfg.data, cfg.train)
+
+
 def main(cfg: Config, resume: bool = False) -> Path:
+    check_config(cfg)
     examples, eval_examples = load_demonstrations(cfg.data, cfg.run.seed)
     run = RunDir(cfg.run.output_dir, cfg.run.name, STAGE)
     engine = Engine(cfg.train.mixed_precision, seed=cfg.run.seed)
