@@ -65,8 +65,9 @@ def test_first_minibatch_has_ratio_one_and_zero_kl(tmp_path, variant):
     step = lambda s: ppo.ppo_step(s, cfg, setup, engine)  # noqa: E731
     first, records = step(1)
     # Before any update the policy *is* the reference (dropout off, LoRA's B = 0, or a frozen
-    # copy): the policy's and the reference's forwards on the same rows agree, the KL is exactly 0...
-    assert first["kl"] == 0.0
+    # copy): the KL is 0, to float rounding where the policy's log-probs are the sampler's (cached
+    # decoding sums in another order than the reference's forward; whole nats if misaligned)...
+    assert abs(first["kl"]) < 1e-5
     # ...and the update's first forward reproduces the rollout's log-probs. Its micro-batches
     # hold other rows than the rollout's forward batches, and each forward drops the columns all
     # its rows pad, so to float rounding; a misaligned layout would be off by whole nats.
@@ -138,11 +139,13 @@ def test_prompt_batches_cover_every_prompt_once_per_epoch():
 
 
 def test_score_rises_with_a_rule_reward(tmp_path):
-    assert run_cli(tmp_path, "ppo.steps=12") == 0
+    # 20 steps: at 12 the rise depends on the seed (learning rate 1e-2, a sparse reward: two of
+    # four seeds stayed under +0.3); at 20 six seeds rose by 0.37-0.69
+    assert run_cli(tmp_path, "ppo.steps=20") == 0
     folder = tmp_path / "tiny" / "ppo"
     rows = read_metrics(folder)
     scores = [r["score/mean"] for r in rows]
-    assert len(rows) == 12
+    assert len(rows) == 20
     start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert start < 0.15 and end > start + 0.3, scores
     for key in ("score/std", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl", "policy_loss", "value_loss",

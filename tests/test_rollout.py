@@ -69,8 +69,40 @@ def test_rollout_logprobs_and_values_match_each_sequence_scored_alone(tok):
         torch.testing.assert_close(ro.values[i, :n], values, atol=1e-5, rtol=0)
         # padding holds zeros, never stray numbers that a statistic could pick up
         assert (ro.logprobs[i, n:] == 0).all() and (ro.values[i, n:] == 0).all()
-    # full fine-tuning: the reference is a frozen copy, identical before any update
-    assert torch.equal(ro.logprobs, ro.ref_logprobs)
+    # full fine-tuning: the reference is a frozen copy, identical before any update; its log-probs come
+    # from a forward, the policy's from the sampler's cached steps: equal to float rounding
+    torch.testing.assert_close(ro.logprobs, ro.ref_logprobs, atol=1e-5, rtol=0)
+
+
+def test_the_sampler_scores_the_rollout_as_a_forward_would_without_one(tok, monkeypatch):
+    # With the critic a head on the trunk and the policy sampling in float32, the rollout's log-probs
+    # and values are read while sampling: no forward of the policy over the sampled sequences. They
+    # must be what that forward gives, on rows that share a prompt's prefill and on rows that end
+    # early and leave the batch.
+    import alignkit.rollout as rollout_module
+
+    torch.manual_seed(1)
+    ac = _actor_critic(tok)
+    eos = tok.eos_token_id
+    ac.policy.lm_head.register_forward_hook(lambda m, i, out: out + 5.0 * (torch.arange(out.shape[-1]) == eos))
+    gen = GenerationConfig(max_new_tokens=8, temperature=0.7, batch_size=8)
+    prompt_ids = [encode_prompt(tok, p) for p in PROMPTS]
+    reference = reference_forward(ac.policy)  # full fine-tuning: a frozen copy, not the policy
+    whole_forwards = []
+    ac.policy.register_forward_pre_hook(lambda m, a, kw: whole_forwards.append(kw["use_cache"]), with_kwargs=True)
+    fast = ppo_rollout(ac, tok, prompt_ids, gen, reference=reference, n=4, forward_batch_size=4, seed=5)
+    assert whole_forwards and not any(use is False for use in whole_forwards)  # only cached decoding steps
+    monkeypatch.setattr(rollout_module, "scores_while_sampling", lambda *args: False)
+    whole_forwards.clear()
+    scored = ppo_rollout(ac, tok, prompt_ids, gen, reference=reference, n=4, forward_batch_size=4, seed=5)
+    assert whole_forwards.count(False) == 3  # 12 rows in forwards of 4
+    lengths = fast.lengths.tolist()
+    assert min(lengths) < max(lengths)  # rows left the batch while others ran on
+    assert torch.equal(fast.responses, scored.responses) and torch.equal(fast.mask, scored.mask)
+    for field in ("logprobs", "values", "ref_logprobs"):
+        torch.testing.assert_close(getattr(fast, field), getattr(scored, field), atol=1e-5, rtol=0)
+    assert fast.values.abs().max() > 0.1  # a non-zero head: misplaced values would show
+    assert (fast.values[~fast.mask] == 0).all() and (fast.logprobs[~fast.mask] == 0).all()
 
 
 def test_finished_responses_keep_eos_as_an_action(tok):
@@ -178,7 +210,7 @@ def test_rows_that_end_leave_the_batch_and_the_others_sample_the_same(tok):
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
     attn = (ids != 0).long()
     u = row_uniforms(4, [(0, i) for i in range(3)], 10)
-    free, _ = decode(policy, ids, attn, GenerationConfig(max_new_tokens=10), None, u)
+    free, _, _ = decode(policy, ids, attn, GenerationConfig(max_new_tokens=10), None, u)
     eos = free[1, 2].item()  # row 1 ends at its third token
     assert eos not in free[0, :9].tolist() + free[2, :9].tolist()  # the others run on
     batch_sizes = []
@@ -194,7 +226,7 @@ def test_rows_that_end_leave_the_batch_and_the_others_sample_the_same(tok):
     assert runs["dynamic sizes"] == [3, 3, 3] + [2] * 7  # row 1 left after its EOS at step 3
     assert runs["static sizes"] == runs["every step sizes"] == [3] * 10
     for name in ("static", "every step"):
-        tokens, logprobs = runs[name]
+        tokens, logprobs, _ = runs[name]
         for row, n in ((0, 10), (1, 3), (2, 10)):  # up to and including each row's end
             assert torch.equal(tokens[row, :n], runs["dynamic"][0][row, :n]), name
             torch.testing.assert_close(logprobs[row, :n], runs["dynamic"][1][row, :n], atol=1e-5, rtol=0)
@@ -274,7 +306,7 @@ def test_a_model_whose_distribution_is_not_finite_stops_sampling_with_the_rows_n
     policy = load_causal_lm(ModelConfig(name="tiny:llama", seed=3), trainable=False, tokenizer=tok).eval()
     ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     gen = GenerationConfig(max_new_tokens=4, do_sample=do_sample)
-    tokens, _ = decode(policy, ids, (ids != 0).long(), gen, None)  # finite: four tokens per row
+    tokens, _, _ = decode(policy, ids, (ids != 0).long(), gen, None)  # finite: four tokens per row
     assert tokens.shape == (2, 4)
     with torch.no_grad():
         policy.lm_head.weight[7].fill_(float("nan"))  # logit 7 of every row is NaN (and token 7's embedding)
@@ -315,7 +347,7 @@ def test_rows_that_repeat_a_prompt_share_one_prefill_and_sample_as_if_alone(tok)
     u = row_uniforms(4, [(0, i) for i in range(4)], 6)
     sizes = []
     policy.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape), with_kwargs=True)
-    tokens, logprobs = decode(policy, ids, (ids != 0).long(), GenerationConfig(max_new_tokens=6), None, u)
+    tokens, logprobs, _ = decode(policy, ids, (ids != 0).long(), GenerationConfig(max_new_tokens=6), None, u)
     assert sizes[0] == (2, 4) and sizes[1:] == [(4, 1)] * 5  # one prefill row per distinct prompt
     assert len({tuple(r) for r in tokens[[0, 2, 3]].tolist()}) > 1  # the same prompt, different draws
     for i in range(4):
