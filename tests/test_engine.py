@@ -415,3 +415,16 @@ def test_ppo_in_bf16_starts_at_zero_kl_and_ratio_one(tmp_path, lora):
     assert first["kl"] == 0.0
     assert records[0]["ratio_mean"] == pytest.approx(1.0, abs=2 ** -8)
     assert {p.dtype for p in engine.unwrap(setup.ac).parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_rl_updates_forward_in_length_sorted_pieces_sized_for_the_device():
+    from alignkit.training import forward_rows, length_pieces
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # 0 (auto): 4 rows on a CPU, never more than the micro-batch; the whole micro-batch on an accelerator
+    assert forward_rows(0, 8, cpu) == 4 and forward_rows(0, 2, cpu) == 2 and forward_rows(0, 16, cuda) == 16
+    assert forward_rows(3, 8, cuda) == 3 and forward_rows(32, 8, cpu) == 8  # a setting, capped likewise
+    # a minibatch's items, shortest first (ties by item), in pieces of rows x processes
+    lengths = {7: 30, 2: 5, 9: 12, 4: 5, 1: 40}
+    assert length_pieces([7, 2, 9, 4, 1], lengths, 2) == [[2, 4], [9, 7], [1]]
+    assert length_pieces([7, 2, 9, 4, 1], lengths, 2, num_processes=2) == [[2, 4, 9, 7], [1]]

@@ -98,9 +98,10 @@ def test_gradient_accumulation_matches_one_big_minibatch(tmp_path):
     advantages = torch.randn(rollout.mask.shape) * rollout.mask
     returns = torch.randn(rollout.mask.shape) * rollout.mask
     weights = []
-    for grad_accum in (1, 4):
+    # one forward of the 8 rows; length-sorted pieces of 4 (a CPU's default); pieces of 2 in 4 micro-batches
+    for grad_accum, forward_rows in ((1, 8), (1, 0), (4, 0)):
         c = copy.deepcopy(cfg)
-        c.train.grad_accum = grad_accum
+        c.train.grad_accum, c.ppo.forward_rows = grad_accum, forward_rows
         model = copy.deepcopy(ac)
         # plain SGD: the weight change is the (clipped) gradient itself; Adam's first
         # step, g / |g|, would turn rounding noise on near-zero gradients into +-lr
@@ -110,6 +111,39 @@ def test_gradient_accumulation_matches_one_big_minibatch(tmp_path):
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(weights[0], torch.cat([p.detach().flatten() for p in ac.parameters()]))
     torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weights[0], weights[2], atol=1e-6, rtol=1e-5)
+
+
+def test_the_update_forwards_rows_of_like_length_together(tmp_path):
+    # On a CPU each minibatch goes through the model in pieces of 4 rows, shortest first, each
+    # padded to its own longest row: less padding than random pieces, and one piece's activations.
+    cfg = tiny_config(tmp_path, *QUICK, "ppo.ppo_epochs=1", "ppo.minibatch_size=8", "generation.max_new_tokens=12")
+    engine = Engine(seed=0)
+    setup = ppo.build(cfg, engine)
+    ac, tok = setup.ac, setup.tok
+    rollout = ppo_rollout(ac, tok, setup.prompt_ids[:8], cfg.generation, reference=setup.reference, seed=3)
+    lengths = rollout.attention_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 2  # rows of several lengths
+    widths = []
+    hook = ac.policy.register_forward_pre_hook(lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)),
+                                               with_kwargs=True)
+    opt = torch.optim.SGD(ac.parameters(), lr=0.0)
+    zeros = torch.zeros(rollout.mask.shape)
+    ppo.ppo_update(ac, rollout, zeros, zeros, opt, ppo.build_scheduler(opt, cfg.train), cfg,
+                   torch.Generator().manual_seed(0), engine)
+    hook.remove()
+    assert [rows for rows, _ in widths] == [4, 4]
+    # the columns each forward keeps: from the first prompt column one of its rows uses to its longest
+    # response (forward_responses); shortest-first pieces are the 4 shortest and the 4 longest rows
+    order = lengths.argsort(stable=True).tolist()
+    P = rollout.context_length
+    attn = rollout.attention_mask.bool()
+
+    def width(rows):
+        first = min(int(attn[r, :P].float().argmax()) for r in rows)
+        return P - first + max(int(rollout.mask[r].sum()) for r in rows)
+
+    assert [w for _, w in widths] == [width(order[:4]), width(order[4:])]
 
 
 def test_no_eos_penalty_replaces_the_score_and_keeps_the_response():

@@ -574,8 +574,8 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
         reference: ``reference(ids, attention, positions, logits_to_keep) -> (logits, None)``,
             the frozen reference (with LoRA: the policy with its adapter off).
         n: samples per prompt.
-        forward_batch_size: rows per scoring forward pass; use the update's
-            micro-batch size so that both run the same batch shape.
+        forward_batch_size: rows per scoring forward pass, shortest rows together;
+            use the update's (see :func:`alignkit.training.forward_rows`).
         seed: fixes every draw (row i's stream is seeded by the seed and its
             prompt and sample index); None draws one from the global torch generator.
         engine: with several processes each samples and scores its contiguous
@@ -634,9 +634,12 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
             sampler_values[i, :len(v)] = torch.tensor(v)
     scorer = engine.unwrap(actor_critic)
     device = next(scorer.parameters()).device
-    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for start in range(0, len(mine), forward_batch_size):
-        sel = torch.tensor(mine[start:start + forward_batch_size])
+    scored: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    lengths = attn.sum(-1).tolist()
+    by_length = sorted(mine, key=lambda j: (lengths[j], j))  # rows of like length together: little padding
+    for start in range(0, len(by_length), forward_batch_size):
+        chunk = by_length[start:start + forward_batch_size]
+        sel = torch.tensor(chunk)
         batch = (ids[sel].to(device), attn[sel].to(device), pos[sel].to(device), resp[sel].to(device))
         ref_lp, _, _ = forward_responses(reference, *batch, gen.temperature)
         if from_sampler:
@@ -646,8 +649,8 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
         else:
             lp, v = sampler_logprobs[sel], None
         v = torch.zeros_like(lp) if v is None else v  # a critic-free policy: values are 0
-        rows += list(zip(lp.float().cpu(), ref_lp.float().cpu(), v.float().cpu()))
-    rows = engine.gather(rows)
+        scored.update(zip(chunk, zip(lp.float().cpu(), ref_lp.float().cpu(), v.float().cpu())))
+    rows = engine.gather([scored[j] for j in mine])
     logprobs, ref_logprobs, values = (torch.stack([r[k] for r in rows]) if rows else torch.zeros(resp.shape)
                                       for k in range(3))
     zero = torch.zeros(())

@@ -144,6 +144,38 @@ def share_of(items: list, index: int, count: int) -> list:
     return items[start:start + base + (index < extra)]
 
 
+# Rows per forward + backward of an RL update on a CPU when the recipe's forward_rows is 0 (auto).
+# PPO with a SmolLM2 LoRA policy, minibatches of 8, 2 cores (benchmarks/ppo_vs_trl.py --recommended):
+# the update took 16.2 s in whole minibatches, 13.5-14.6 s in pieces of 4, 19.5 s in pieces of 2, at a
+# peak of 3.9, 2.8 and 2.2 GB. Small matmuls lose nothing on two cores, and one piece's activations
+# are what the update holds.
+CPU_FORWARD_ROWS = 4
+
+
+def forward_rows(setting: int, micro_size: int, device: torch.device) -> int:
+    """Rows per process in each forward + backward of an update: ``setting``, or for 0 :data:`CPU_FORWARD_ROWS`
+    on a CPU and the whole micro-batch on an accelerator (where a wide batch is what keeps it busy);
+    never more than the micro-batch."""
+    rows = setting or (CPU_FORWARD_ROWS if device.type == "cpu" else micro_size)
+    return max(1, min(rows, micro_size))
+
+
+def length_pieces(items: list, lengths, rows: int, num_processes: int = 1) -> list[list]:
+    """A minibatch's global micro-batches: ``items`` shortest first by ``lengths[item]``, in pieces of
+    ``rows`` per process.
+
+    Each piece's forward runs on the columns its rows use (see
+    :func:`alignkit.rollout.forward_responses`), so rows of like length pad little.
+    The minibatch, and the gradient summed over it, are the same in any pieces.
+
+    >>> length_pieces([4, 1, 3, 0], [9, 5, 7, 2, 8], 2)
+    [[3, 1], [4, 0]]
+    """
+    order = sorted(items, key=lambda i: (lengths[i], i))
+    size = rows * num_processes
+    return [order[k:k + size] for k in range(0, len(order), size)]
+
+
 @dataclass(frozen=True)
 class Share:
     """This process's part of a micro-batch.

@@ -63,7 +63,7 @@ from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metr
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout, sampler_mismatch
 from alignkit.runs import RunDir
 from alignkit import training
-from alignkit.training import Engine, build_scheduler
+from alignkit.training import Engine, build_scheduler, forward_rows, length_pieces
 
 STAGE = "ppo"
 
@@ -109,6 +109,9 @@ class PPOSection:
     rollout_batch_size: int = opt(16, ge=1, help="prompts per iteration")
     samples_per_prompt: int = opt(1, ge=1)
     minibatch_size: int = opt(8, ge=1, help="sequences per optimizer step (split in train.grad_accum)")
+    forward_rows: int = opt(0, ge=0, help="most sequences per forward + backward of the update and per rollout "
+                                          "forward, per process, like lengths together (0: 4 on a CPU, the "
+                                          "whole micro-batch on an accelerator)")
     ppo_epochs: int = opt(4, ge=1)
     clip_eps: float = opt(0.2, gt=0, lt=1, help="ratio clip; 1 or more would not clip below (the ratio is > 0)")
     value_clip_eps: float | None = opt(0.2, gt=0, help="null: no value clipping")
@@ -198,7 +201,8 @@ def ppo_update(ac: ActorCritic, rollout: Rollout, advantages: torch.Tensor, retu
     """
     p = cfg.ppo
     device = next(ac.parameters()).device
-    micro_size = p.minibatch_size // cfg.train.grad_accum * engine.num_processes
+    pieces = forward_rows(p.forward_rows, p.minibatch_size // cfg.train.grad_accum, device)
+    lengths = rollout.attention_mask.sum(-1).tolist()
     minibatch = p.minibatch_size * engine.num_processes
     records = []
     ac.train()
@@ -207,7 +211,7 @@ def ppo_update(ac: ActorCritic, rollout: Rollout, advantages: torch.Tensor, retu
         for mb_start in range(0, len(rollout), minibatch):
             mb = order[mb_start:mb_start + minibatch]
             num_tokens = rollout.mask[mb].sum().item()
-            micro = [mb[k:k + micro_size] for k in range(0, len(mb), micro_size)]
+            micro = length_pieces(mb, lengths, pieces, engine.num_processes)
             for share in engine.micro_batches(ac, micro):
                 rows = torch.tensor(share.items)
                 mb_mask = rollout.mask[rows].to(device)
@@ -328,12 +332,12 @@ def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict
     idx = prompt_batch(len(setup.prompts), p.rollout_batch_size * n_procs, cfg.run.seed, step)
     batch_prompts = [setup.prompts[i].prompt for i in idx]
     batch_kinds = [setup.prompts[i].kind for i in idx]
-    micro_size = p.minibatch_size // cfg.train.grad_accum
+    rows = forward_rows(p.forward_rows, p.minibatch_size // cfg.train.grad_accum, engine.device)
 
     # 1. rollout (no grad): each process samples and scores its share; all get the whole rollout
     t0 = time.perf_counter()
     rollout = ppo_rollout(setup.ac, setup.tok, [setup.prompt_ids[i] for i in idx], cfg.generation,
-                          reference=setup.reference, n=p.samples_per_prompt, forward_batch_size=micro_size,
+                          reference=setup.reference, n=p.samples_per_prompt, forward_batch_size=rows,
                           seed=cfg.run.seed * 1_000_003 + step, engine=engine)
     t1 = time.perf_counter()
 

@@ -69,7 +69,8 @@ from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metr
 from alignkit.rewards import build_reward
 from alignkit.rollout import Rollout, forward_responses, ppo_rollout, sampler_mismatch
 from alignkit.runs import RunDir
-from alignkit.training import Engine, build_optimizer, build_scheduler, trainable_parameters
+from alignkit.training import (Engine, build_optimizer, build_scheduler, forward_rows, length_pieces,
+                               trainable_parameters)
 
 STAGE = "rl"
 ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "online_dpo")
@@ -99,6 +100,9 @@ class RLSection:
     prompts_per_step: int = opt(8, ge=1, help="prompts per iteration, per process")
     samples_per_prompt: int = opt(4, ge=2, help="G: the group of answers to each prompt (online_dpo: 2)")
     minibatch_size: int = opt(16, ge=1, help="sequences per optimizer step, per process (split in train.grad_accum)")
+    forward_rows: int = opt(0, ge=0, help="most sequences per forward + backward of the update and per rollout "
+                                          "forward, per process, like lengths together (0: 4 on a CPU, the "
+                                          "whole micro-batch on an accelerator)")
     epochs: int = opt(1, ge=1, help="passes over each rollout (GRPO's mu)")
     clip_eps_low: float = opt(0.2, gt=0, lt=1, help="ratio clip below 1")
     clip_eps_high: float = opt(0.2, gt=0, help="ratio clip above 1; > clip_eps_low is DAPO's clip-higher")
@@ -262,7 +266,8 @@ def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[
     r = cfg.rl
     device = next(model.parameters()).device
     minibatch = r.minibatch_size * engine.num_processes
-    micro_size = r.minibatch_size // cfg.train.grad_accum * engine.num_processes
+    pieces = forward_rows(r.forward_rows, r.minibatch_size // cfg.train.grad_accum, device)
+    lengths = rollout.attention_mask.sum(-1).tolist()
     records: list[dict] = []
     model.train()
     for _ in range(r.epochs):
@@ -270,7 +275,7 @@ def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[
         for start in range(0, len(order), minibatch):
             mb = order[start:start + minibatch]
             n_seq, n_tok = float(len(mb)), float(rollout.mask[mb].sum())
-            micro = [mb[k:k + micro_size] for k in range(0, len(mb), micro_size)]
+            micro = length_pieces(mb, lengths, pieces, engine.num_processes)
             for share in engine.micro_batches(model, micro):
                 idx = torch.tensor(share.items)
                 mask = rollout.mask[idx].to(device)
@@ -311,7 +316,10 @@ def dpo_update(model, rollout: Rollout, pairs: list[tuple[int, int]], optimizer,
     loss_fn = {"dpo": lambda pc, pr, rc, rr: dpo_loss(pc, pr, rc, rr, r.dpo_beta),
                "ipo": lambda pc, pr, rc, rr: ipo_loss(pc, pr, rc, rr, r.dpo_beta)}[r.dpo_loss]
     minibatch = max(1, r.minibatch_size // 2) * engine.num_processes
-    micro_size = max(1, r.minibatch_size // 2 // cfg.train.grad_accum) * engine.num_processes
+    # pairs per piece: half the rows (a pair is two sequences in one forward)
+    pieces = max(1, forward_rows(r.forward_rows, r.minibatch_size // cfg.train.grad_accum, device) // 2)
+    lengths = rollout.attention_mask.sum(-1).tolist()
+    pair_lengths = [max(lengths[c], lengths[j]) for c, j in pairs]
     ref = sequence_logprobs(rollout.ref_logprobs, rollout.mask)
     records: list[dict] = []
     model.train()
@@ -319,7 +327,7 @@ def dpo_update(model, rollout: Rollout, pairs: list[tuple[int, int]], optimizer,
         order = torch.randperm(len(pairs), generator=generator).tolist()
         for start in range(0, len(order), minibatch):
             mb = order[start:start + minibatch]
-            micro = [mb[k:k + micro_size] for k in range(0, len(mb), micro_size)]
+            micro = length_pieces(mb, pair_lengths, pieces, engine.num_processes)
             for share in engine.micro_batches(model, micro):
                 chosen = torch.tensor([pairs[i][0] for i in share.items])
                 rejected = torch.tensor([pairs[i][1] for i in share.items])
@@ -419,7 +427,8 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
     t0 = time.perf_counter()
     rollout = ppo_rollout(setup.model, setup.tok, [setup.prompt_ids[i] for i in idx], cfg.generation,
                           reference=setup.reference, n=r.samples_per_prompt,
-                          forward_batch_size=r.minibatch_size // cfg.train.grad_accum,
+                          forward_batch_size=forward_rows(r.forward_rows, r.minibatch_size // cfg.train.grad_accum,
+                                                          engine.device),
                           seed=cfg.run.seed * 1_000_003 + step, engine=engine, score_policy=not single_step(cfg))
     t1 = time.perf_counter()
 
