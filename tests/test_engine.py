@@ -421,9 +421,13 @@ def test_rl_updates_forward_in_length_sorted_pieces_sized_for_the_device():
     from alignkit.training import forward_rows, length_pieces
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # 0 (auto): 4 rows on a CPU, never more than the micro-batch; the whole micro-batch on an accelerator
-    assert forward_rows(0, 8, cpu) == 4 and forward_rows(0, 2, cpu) == 2 and forward_rows(0, 16, cuda) == 16
-    assert forward_rows(3, 8, cuda) == 3 and forward_rows(32, 8, cpu) == 8  # a setting, capped likewise
+    full = torch.nn.Sequential(torch.nn.Linear(40, 40), torch.nn.Linear(40, 2))  # 1,722 weights, all trained
+    adapted = torch.nn.Sequential(torch.nn.Linear(40, 40).requires_grad_(False), torch.nn.Linear(40, 2))
+    # 0 (auto): 4 rows on a CPU when the trained weights are adapters (82 of 1,722 here: 4.8%), never more
+    # than the micro-batch; the whole micro-batch on an accelerator or when trained in full
+    assert forward_rows(0, 8, cpu, adapted) == 4 and forward_rows(0, 2, cpu, adapted) == 2
+    assert forward_rows(0, 16, cuda, adapted) == 16 and forward_rows(0, 8, cpu, full) == 8
+    assert forward_rows(3, 8, cuda, full) == 3 and forward_rows(32, 8, cpu, adapted) == 8  # a setting, capped
     # a minibatch's items, shortest first (ties by item), in pieces of rows x processes
     lengths = {7: 30, 2: 5, 9: 12, 4: 5, 1: 40}
     assert length_pieces([7, 2, 9, 4, 1], lengths, 2) == [[2, 4], [9, 7], [1]]

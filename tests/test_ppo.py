@@ -98,8 +98,9 @@ def test_gradient_accumulation_matches_one_big_minibatch(tmp_path):
     advantages = torch.randn(rollout.mask.shape) * rollout.mask
     returns = torch.randn(rollout.mask.shape) * rollout.mask
     weights = []
-    # one forward of the 8 rows; length-sorted pieces of 4 (a CPU's default); pieces of 2 in 4 micro-batches
-    for grad_accum, forward_rows in ((1, 8), (1, 0), (4, 0)):
+    # one forward of the 8 rows (the default when trained in full); length-sorted pieces of 4; pieces of 2
+    # in 4 micro-batches
+    for grad_accum, forward_rows in ((1, 0), (1, 4), (4, 0)):
         c = copy.deepcopy(cfg)
         c.train.grad_accum, c.ppo.forward_rows = grad_accum, forward_rows
         model = copy.deepcopy(ac)
@@ -115,9 +116,10 @@ def test_gradient_accumulation_matches_one_big_minibatch(tmp_path):
 
 
 def test_the_update_forwards_rows_of_like_length_together(tmp_path):
-    # On a CPU each minibatch goes through the model in pieces of 4 rows, shortest first, each
-    # padded to its own longest row: less padding than random pieces, and one piece's activations.
-    cfg = tiny_config(tmp_path, *QUICK, "ppo.ppo_epochs=1", "ppo.minibatch_size=8", "generation.max_new_tokens=12")
+    # On a CPU with LoRA each minibatch goes through the model in pieces of 4 rows, shortest first,
+    # each padded to its own longest row: less padding than random pieces, and one piece's activations.
+    cfg = tiny_config(tmp_path, *QUICK, "ppo.ppo_epochs=1", "ppo.minibatch_size=8", "generation.max_new_tokens=12",
+                      "model.lora.enabled=true", "model.lora.r=4")
     engine = Engine(seed=0)
     setup = ppo.build(cfg, engine)
     ac, tok = setup.ac, setup.tok

@@ -6,7 +6,7 @@ import torch
 
 from alignkit.config import GenerationConfig, ModelConfig
 from alignkit.data.collate import encode_prompt
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from alignkit.actor_critic import ActorCritic, reference_forward
 from alignkit.rollout import draw, generate, layout, ppo_rollout
 
@@ -74,15 +74,21 @@ def test_rollout_logprobs_and_values_match_each_sequence_scored_alone(tok):
     torch.testing.assert_close(ro.logprobs, ro.ref_logprobs, atol=1e-5, rtol=0)
 
 
-def test_the_sampler_scores_the_rollout_as_a_forward_would_without_one(tok, monkeypatch):
-    # With the critic a head on the trunk and the policy sampling in float32, the rollout's log-probs
-    # and values are read while sampling: no forward of the policy over the sampled sequences. They
-    # must be what that forward gives, on rows that share a prompt's prefill and on rows that end
-    # early and leave the batch.
+@pytest.mark.parametrize("critic", ["head", "separate"])
+def test_the_sampler_scores_the_rollout_as_a_forward_would_without_one(tok, monkeypatch, critic):
+    # With the policy sampling in float32, the rollout's log-probs (and a value head's values) are
+    # read while sampling: no forward of the policy over the sampled sequences; a separate value
+    # model runs alone. They must be what the policy's forward gives, on rows that share a prompt's
+    # prefill and on rows that end early and leave the batch.
     import alignkit.rollout as rollout_module
 
     torch.manual_seed(1)
     ac = _actor_critic(tok)
+    if critic == "separate":
+        value_model = load_sequence_scorer(ModelConfig(name="tiny:llama", seed=4), tokenizer=tok)
+        with torch.no_grad():
+            value_model.score.weight.normal_(0, 0.5)
+        ac = ActorCritic(ac.policy, value_model)
     eos = tok.eos_token_id
     ac.policy.lm_head.register_forward_hook(lambda m, i, out: out + 5.0 * (torch.arange(out.shape[-1]) == eos))
     gen = GenerationConfig(max_new_tokens=8, temperature=0.7, batch_size=8)

@@ -512,7 +512,7 @@ def forward_responses(actor_critic, query_responses, attention_mask, position_id
 
     ``actor_critic(input_ids, attention_mask, position_ids, logits_to_keep)``
     returns the last ``logits_to_keep`` positions' logits and values (values may
-    be None: a reference). Positions P-1 .. P+R-2 predict the R response tokens.
+    be None: a reference; logits may be None, and then log-probs too: a value model alone). Positions P-1 .. P+R-2 predict the R response tokens.
     Logits are divided by the sampling temperature before the log-softmax: the
     log-probs are those of the distribution the tokens were drawn from.
 
@@ -531,30 +531,40 @@ def forward_responses(actor_critic, query_responses, attention_mask, position_id
     keep = width + 1
     cut = slice(first, P + width)
     logits, values = actor_critic(query_responses[:, cut], attention_mask[:, cut], position_ids[:, cut], keep)
-    logits = logits[:, :-1]
-    logprobs = F.pad(token_logprobs(logits, responses[:, :width], temperature), (0, R - width))
+    logprobs = None
+    if logits is not None:  # None: a value model alone (see ppo_rollout)
+        logits = logits[:, :-1]
+        logprobs = F.pad(token_logprobs(logits, responses[:, :width], temperature), (0, R - width))
     if values is not None:
         values = F.pad(values[:, :-1].float(), (0, R - width))
     return logprobs, values, logits
 
 
 def scores_while_sampling(actor_critic, sampler, engine) -> bool:
-    """Whether the sampling pass gives the rollout's policy log-probs and values itself, with no scoring
-    forward of the policy (a third of PPO's rollout with a LoRA policy on 2 CPU cores).
+    """Whether the sampling pass gives the rollout's policy log-probs (and a value head's values) itself,
+    with no scoring forward of the policy (a third of PPO's rollout with a LoRA policy on 2 CPU cores).
 
     The sampler records each drawn token's log-prob and, with the critic a head on the
-    policy's trunk, reads the head at every step (:func:`decode`); when it is the
-    policy itself, in float32 without autocast and with whole weights, these are a
-    forward's to float rounding (~1e-6: a KV cache sums in another order). A
-    half-precision sampler, autocast or a separate value model keep the forward. So do
-    critic-free policies: their advantages are normalised per group, and where a
-    prompt's scores are equal the rounding between the sampler's log-probs and the
-    reference's forward would become a whole step in the KL-shaped rewards.
+    policy's trunk, reads the head at every step (:func:`decode`); a separate value
+    model runs its own forward, alone. When the sampler is the policy itself, in
+    float32 without autocast and with whole weights, these are a forward's to float
+    rounding (~1e-6: a KV cache sums in another order). A half-precision sampler or
+    autocast keep the forward. So do critic-free policies: their advantages are
+    normalised per group, and where a prompt's scores are equal the rounding between
+    the sampler's log-probs and the reference's forward would become a whole step in
+    the KL-shaped rewards.
     """
     policy = actor_critic.policy
-    return (actor_critic.has_critic and actor_critic.value_model is None and sampler is policy
-            and next(policy.parameters()).dtype == torch.float32 and engine.mixed_precision == "no"
-            and not getattr(engine, "sharded", False))
+    return (actor_critic.has_critic and sampler is policy and next(policy.parameters()).dtype == torch.float32
+            and engine.mixed_precision == "no" and not getattr(engine, "sharded", False))
+
+
+def _value_model_alone(value_model):
+    """A separate value model as ``(ids, attention, positions, keep) -> (None, values)`` for
+    :func:`forward_responses`."""
+    from alignkit.actor_critic import token_values
+
+    return lambda ids, attention, positions, keep: (None, token_values(value_model, ids, attention, positions, keep))
 
 
 @torch.no_grad()
@@ -612,7 +622,7 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
         if not score_policy and inner.has_critic:
             raise ValueError("score_policy=False needs a critic-free policy")
         from_sampler = score_policy and scores_while_sampling(inner, sampler, engine)
-        head = inner.value_head if from_sampler else None
+        head = inner.value_head if from_sampler and inner.value_model is None else None
         for start in range(0, len(mine), gen.batch_size):
             chunk = [jobs[j] for j in mine[start:start + gen.batch_size]]
             out, lps, vals = _sample(sampler, tokenizer, [prompt_ids[p] for p, _ in chunk], chunk, gen, seed,
@@ -634,6 +644,8 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
             sampler_values[i, :len(v)] = torch.tensor(v)
     scorer = engine.unwrap(actor_critic)
     device = next(scorer.parameters()).device
+    value_model = getattr(scorer, "value_model", None)
+    values_alone = _value_model_alone(value_model) if value_model is not None else None
     scored: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     lengths = attn.sum(-1).tolist()
     by_length = sorted(mine, key=lambda j: (lengths[j], j))  # rows of like length together: little padding
@@ -642,8 +654,10 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
         sel = torch.tensor(chunk)
         batch = (ids[sel].to(device), attn[sel].to(device), pos[sel].to(device), resp[sel].to(device))
         ref_lp, _, _ = forward_responses(reference, *batch, gen.temperature)
-        if from_sampler:
+        if from_sampler and head is not None:
             lp, v = sampler_logprobs[sel], sampler_values[sel]
+        elif from_sampler:  # a separate value model: its forward alone
+            lp, v = sampler_logprobs[sel], forward_responses(values_alone, *batch, gen.temperature)[1]
         elif score_policy:
             lp, v, _ = forward_responses(scorer, *batch, gen.temperature)
         else:

@@ -144,20 +144,26 @@ def share_of(items: list, index: int, count: int) -> list:
     return items[start:start + base + (index < extra)]
 
 
-# Rows per forward + backward of an RL update on a CPU when the recipe's forward_rows is 0 (auto).
-# PPO with a SmolLM2 LoRA policy, minibatches of 8, 2 cores (benchmarks/ppo_vs_trl.py --recommended):
-# the update took 16.2 s in whole minibatches, 13.5-14.6 s in pieces of 4, 19.5 s in pieces of 2, at a
-# peak of 3.9, 2.8 and 2.2 GB. Small matmuls lose nothing on two cores, and one piece's activations
-# are what the update holds.
+# Rows per forward + backward of an RL update on a CPU when the recipe's forward_rows is 0 (auto) and the
+# trained weights are adapters. PPO with a SmolLM2 LoRA policy, minibatches of 8, 2 cores
+# (benchmarks/ppo_vs_trl.py --recommended): the update took 16.2 s in whole minibatches, 13.5-14.6 s in
+# pieces of 4, 19.5 s in pieces of 2, at a peak of 3.9, 2.8 and 2.2 GB. Small matmuls lose nothing on
+# two cores, and one piece's activations are what the update holds. Trained in full, each piece's
+# backward adds into a gradient as large as the weights: the same PPO with a separate value model
+# (270M trained weights) took 34.0 s an update whole and 37.4 s in pieces of 4, for 0.3 GB less.
 CPU_FORWARD_ROWS = 4
+ADAPTER_SHARE = 0.1  # trained weights under this share of all: adapters (LoRA r=16 on SmolLM2: 3.6%)
 
 
-def forward_rows(setting: int, micro_size: int, device: torch.device) -> int:
+def forward_rows(setting: int, micro_size: int, device: torch.device, model: torch.nn.Module) -> int:
     """Rows per process in each forward + backward of an update: ``setting``, or for 0 :data:`CPU_FORWARD_ROWS`
-    on a CPU and the whole micro-batch on an accelerator (where a wide batch is what keeps it busy);
-    never more than the micro-batch."""
-    rows = setting or (CPU_FORWARD_ROWS if device.type == "cpu" else micro_size)
-    return max(1, min(rows, micro_size))
+    on a CPU when ``model`` trains adapters only, else the whole micro-batch (an accelerator keeps busy on a
+    wide batch; full gradients cost a pass over the weights' size per piece); never more than the micro-batch."""
+    if not setting:
+        counts = [(q.numel(), q.requires_grad) for q in model.parameters()]
+        trained = sum(n for n, grad in counts if grad) / max(1, sum(n for n, _ in counts))
+        setting = CPU_FORWARD_ROWS if device.type == "cpu" and trained < ADAPTER_SHARE else micro_size
+    return max(1, min(setting, micro_size))
 
 
 def length_pieces(items: list, lengths, rows: int, num_processes: int = 1) -> list[list]:

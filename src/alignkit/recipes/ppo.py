@@ -110,8 +110,8 @@ class PPOSection:
     samples_per_prompt: int = opt(1, ge=1)
     minibatch_size: int = opt(8, ge=1, help="sequences per optimizer step (split in train.grad_accum)")
     forward_rows: int = opt(0, ge=0, help="most sequences per forward + backward of the update and per rollout "
-                                          "forward, per process, like lengths together (0: 4 on a CPU, the "
-                                          "whole micro-batch on an accelerator)")
+                                          "forward, per process, like lengths together (0: 4 on a CPU with LoRA, "
+                                          "else the whole micro-batch)")
     ppo_epochs: int = opt(4, ge=1)
     clip_eps: float = opt(0.2, gt=0, lt=1, help="ratio clip; 1 or more would not clip below (the ratio is > 0)")
     value_clip_eps: float | None = opt(0.2, gt=0, help="null: no value clipping")
@@ -201,7 +201,7 @@ def ppo_update(ac: ActorCritic, rollout: Rollout, advantages: torch.Tensor, retu
     """
     p = cfg.ppo
     device = next(ac.parameters()).device
-    pieces = forward_rows(p.forward_rows, p.minibatch_size // cfg.train.grad_accum, device)
+    pieces = forward_rows(p.forward_rows, p.minibatch_size // cfg.train.grad_accum, device, ac)
     lengths = rollout.attention_mask.sum(-1).tolist()
     minibatch = p.minibatch_size * engine.num_processes
     records = []
@@ -332,7 +332,7 @@ def ppo_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict
     idx = prompt_batch(len(setup.prompts), p.rollout_batch_size * n_procs, cfg.run.seed, step)
     batch_prompts = [setup.prompts[i].prompt for i in idx]
     batch_kinds = [setup.prompts[i].kind for i in idx]
-    rows = forward_rows(p.forward_rows, p.minibatch_size // cfg.train.grad_accum, engine.device)
+    rows = forward_rows(p.forward_rows, p.minibatch_size // cfg.train.grad_accum, engine.device, setup.ac)
 
     # 1. rollout (no grad): each process samples and scores its share; all get the whole rollout
     t0 = time.perf_counter()

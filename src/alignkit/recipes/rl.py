@@ -101,8 +101,8 @@ class RLSection:
     samples_per_prompt: int = opt(4, ge=2, help="G: the group of answers to each prompt (online_dpo: 2)")
     minibatch_size: int = opt(16, ge=1, help="sequences per optimizer step, per process (split in train.grad_accum)")
     forward_rows: int = opt(0, ge=0, help="most sequences per forward + backward of the update and per rollout "
-                                          "forward, per process, like lengths together (0: 4 on a CPU, the "
-                                          "whole micro-batch on an accelerator)")
+                                          "forward, per process, like lengths together (0: 4 on a CPU with LoRA, "
+                                          "else the whole micro-batch)")
     epochs: int = opt(1, ge=1, help="passes over each rollout (GRPO's mu)")
     clip_eps_low: float = opt(0.2, gt=0, lt=1, help="ratio clip below 1")
     clip_eps_high: float = opt(0.2, gt=0, help="ratio clip above 1; > clip_eps_low is DAPO's clip-higher")
@@ -266,7 +266,7 @@ def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[
     r = cfg.rl
     device = next(model.parameters()).device
     minibatch = r.minibatch_size * engine.num_processes
-    pieces = forward_rows(r.forward_rows, r.minibatch_size // cfg.train.grad_accum, device)
+    pieces = forward_rows(r.forward_rows, r.minibatch_size // cfg.train.grad_accum, device, model)
     lengths = rollout.attention_mask.sum(-1).tolist()
     records: list[dict] = []
     model.train()
@@ -317,7 +317,7 @@ def dpo_update(model, rollout: Rollout, pairs: list[tuple[int, int]], optimizer,
                "ipo": lambda pc, pr, rc, rr: ipo_loss(pc, pr, rc, rr, r.dpo_beta)}[r.dpo_loss]
     minibatch = max(1, r.minibatch_size // 2) * engine.num_processes
     # pairs per piece: half the rows (a pair is two sequences in one forward)
-    pieces = max(1, forward_rows(r.forward_rows, r.minibatch_size // cfg.train.grad_accum, device) // 2)
+    pieces = max(1, forward_rows(r.forward_rows, r.minibatch_size // cfg.train.grad_accum, device, model) // 2)
     lengths = rollout.attention_mask.sum(-1).tolist()
     pair_lengths = [max(lengths[c], lengths[j]) for c, j in pairs]
     ref = sequence_logprobs(rollout.ref_logprobs, rollout.mask)
@@ -428,7 +428,7 @@ def rl_step(step: int, cfg: Config, setup: Setup, engine: Engine) -> tuple[dict,
     rollout = ppo_rollout(setup.model, setup.tok, [setup.prompt_ids[i] for i in idx], cfg.generation,
                           reference=setup.reference, n=r.samples_per_prompt,
                           forward_batch_size=forward_rows(r.forward_rows, r.minibatch_size // cfg.train.grad_accum,
-                                                          engine.device),
+                                                          engine.device, setup.model),
                           seed=cfg.run.seed * 1_000_003 + step, engine=engine, score_policy=not single_step(cfg))
     t1 = time.perf_counter()
 
