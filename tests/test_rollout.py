@@ -1,6 +1,8 @@
 """Sampling and the PPO rollout: the inverse-CDF sampler, recorded log-probs, layout, log-probs at the
 sampling temperature, EOS handling, full-softmax sampling."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from alignkit.config import GenerationConfig, ModelConfig
 from alignkit.data.collate import encode_prompt
 from alignkit.models import load_causal_lm, load_sequence_scorer, load_tokenizer
 from alignkit.actor_critic import ActorCritic, reference_forward
-from alignkit.rollout import draw, generate, layout, ppo_rollout
+from alignkit.rollout import decode, draw, generate, layout, ppo_rollout
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
@@ -109,6 +111,16 @@ def test_the_sampler_scores_the_rollout_as_a_forward_would_without_one(tok, monk
         torch.testing.assert_close(getattr(fast, field), getattr(scored, field), atol=1e-5, rtol=0)
     assert fast.values.abs().max() > 0.1  # a non-zero head: misplaced values would show
     assert (fast.values[~fast.mask] == 0).all() and (fast.logprobs[~fast.mask] == 0).all()
+    # a static cache (compiled decoding steps on a GPU) keeps the policy's scoring forward
+    monkeypatch.undo()
+    whole_forwards.clear()
+    static = dataclasses.replace(gen, cache="static")
+    ppo_rollout(ac, tok, prompt_ids, static, reference=reference, n=4, forward_batch_size=4, seed=5)
+    assert whole_forwards.count(False) == 3
+    with pytest.raises(ValueError, match="static cache"):
+        ids = torch.tensor([prompt_ids[0]])
+        decode(ac.policy, ids, torch.ones_like(ids), static, eos,
+               value_head=torch.nn.Linear(ac.policy.config.hidden_size, 1))
 
 
 def test_finished_responses_keep_eos_as_an_action(tok):

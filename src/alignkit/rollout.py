@@ -246,8 +246,9 @@ def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationCon
     runs on prompts left-padded to a multiple of ``STATIC_BUCKET`` columns. ``max_time``
     (seconds) and ``stop`` (an event) end it early: the columns are then the steps
     run so far. ``value_head`` (a linear layer on the model's last hidden state, PPO's critic
-    on the policy's trunk) is read at every step: column t is V(s_t), the value of the
-    state token t is drawn from, as a forward of the whole sequence gives it.
+    on the policy's trunk) is read at every step from the LM head's input: column t is
+    V(s_t), the value of the state token t is drawn from, as a forward of the whole
+    sequence gives it (eager steps only: not with a static cache).
     """
     import time
 
@@ -269,7 +270,13 @@ def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationCon
     tokens = torch.zeros(B, steps, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, steps, device=device)
     values = None if value_head is None else torch.zeros(B, steps, device=device)
-    hidden = {"output_hidden_states": True} if value_head is not None else {}
+    if value_head is not None and static:
+        raise ValueError("decode: value_head needs eager decoding steps; a static cache compiles them")
+    # the value head reads what the LM head reads: the last position's final hidden state (logits_to_keep=1),
+    # taken from the LM head's input rather than every layer's hidden states (output_hidden_states)
+    last_hidden: dict[str, torch.Tensor] = {}
+    hook = None if value_head is None else model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: last_hidden.__setitem__("h", args[0][:, -1]))
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rows = torch.arange(B, device=device)  # which input row each live row is
     inputs, width, ran = ids, P, 0
@@ -279,46 +286,49 @@ def decode(model, ids: torch.Tensor, attention: torch.Tensor, gen: GenerationCon
     # rows with the same prompt (GRPO's samples of one prompt) share one prefill, whose cache rows are
     # then copied: row i's prefill is row shared[i] of the distinct prompts' (a dynamic cache only)
     shared = None if static else _shared_prompts(ids, attention)
-    for t in range(steps):
-        if t == 0 and shared is not None:
-            distinct, copies = shared
-            out = model(input_ids=ids[distinct], attention_mask=mask[distinct, :width],
-                        position_ids=positions[distinct], use_cache=True, logits_to_keep=1,
-                        **{cache_arg: cache}, **hidden)
-            cache.batch_select_indices(copies)
-        else:  # a static cache takes the whole-width mask: every decoding step has the same shapes
-            copies = slice(None)
-            out = (step if t else model)(input_ids=inputs, attention_mask=mask if static else mask[:, :width],
-                                         position_ids=positions, use_cache=True, logits_to_keep=1,
-                                         **{cache_arg: cache}, **hidden)
-        logits = out.logits[:, -1][copies]
-        if value_head is not None:
-            last = out.hidden_states[-1][:, -1][copies]
-            values[rows, t] = value_head(last.to(value_head.weight.dtype)).squeeze(-1).float()
-        if gen.do_sample:
-            token, logprob = draw(logits, gen.temperature, None if uniforms is None else uniforms[rows.cpu(), t],
-                                  warpers)
-            logprobs[rows, t] = logprob
-        else:
-            token = logits.argmax(-1)
-        finite = torch.isfinite(logprob if gen.do_sample else logits.amax(-1))  # amax: NaN if a logit is
-        if not bool(finite.all()):
-            _not_finite(model, rows[~finite], t)
-        tokens[rows, t] = token
-        ran = t + 1
-        if (deadline is not None and time.monotonic() > deadline) or (stop is not None and stop.is_set()):
-            break
-        if eos is not None and not every_step:
-            done[rows] |= token == eos
-            live = ~done[rows]
-            if not live.any():
+    try:
+        for t in range(steps):
+            if t == 0 and shared is not None:
+                distinct, copies = shared
+                logits = model(input_ids=ids[distinct], attention_mask=mask[distinct, :width],
+                               position_ids=positions[distinct], use_cache=True, logits_to_keep=1,
+                               **{cache_arg: cache}).logits[:, -1][copies]
+                cache.batch_select_indices(copies)
+            else:  # a static cache takes the whole-width mask: every decoding step has the same shapes
+                copies = slice(None)
+                logits = (step if t else model)(input_ids=inputs, attention_mask=mask if static else mask[:, :width],
+                                                position_ids=positions, use_cache=True, logits_to_keep=1,
+                                                **{cache_arg: cache}).logits[:, -1]
+            if value_head is not None:
+                last = last_hidden.pop("h")[copies]
+                values[rows, t] = value_head(last.to(value_head.weight.dtype)).squeeze(-1).float()
+            if gen.do_sample:
+                token, logprob = draw(logits, gen.temperature, None if uniforms is None else uniforms[rows.cpu(), t],
+                                      warpers)
+                logprobs[rows, t] = logprob
+            else:
+                token = logits.argmax(-1)
+            finite = torch.isfinite(logprob if gen.do_sample else logits.amax(-1))  # amax: NaN if a logit is
+            if not bool(finite.all()):
+                _not_finite(model, rows[~finite], t)
+            tokens[rows, t] = token
+            ran = t + 1
+            if (deadline is not None and time.monotonic() > deadline) or (stop is not None and stop.is_set()):
                 break
-            if not static and not live.all():
-                keep = live.nonzero()[:, 0]
-                cache.batch_select_indices(keep)
-                rows, token, mask, positions = rows[keep], token[keep], mask[keep], positions[keep]
-        mask[:, width] = 1
-        inputs, positions, width = token[:, None], positions[:, -1:] + 1, width + 1
+            if eos is not None and not every_step:
+                done[rows] |= token == eos
+                live = ~done[rows]
+                if not live.any():
+                    break
+                if not static and not live.all():
+                    keep = live.nonzero()[:, 0]
+                    cache.batch_select_indices(keep)
+                    rows, token, mask, positions = rows[keep], token[keep], mask[keep], positions[keep]
+            mask[:, width] = 1
+            inputs, positions, width = token[:, None], positions[:, -1:] + 1, width + 1
+    finally:
+        if hook is not None:
+            hook.remove()
     return tokens[:, :ran], logprobs[:, :ran], None if values is None else values[:, :ran]
 
 
@@ -512,9 +522,10 @@ def forward_responses(actor_critic, query_responses, attention_mask, position_id
 
     ``actor_critic(input_ids, attention_mask, position_ids, logits_to_keep)``
     returns the last ``logits_to_keep`` positions' logits and values (values may
-    be None: a reference; logits may be None, and then log-probs too: a value model alone). Positions P-1 .. P+R-2 predict the R response tokens.
-    Logits are divided by the sampling temperature before the log-softmax: the
-    log-probs are those of the distribution the tokens were drawn from.
+    be None: a reference; logits may be None, and then the log-probs too: a value
+    model alone). Positions P-1 .. P+R-2 predict the R response tokens. Logits are
+    divided by the sampling temperature before the log-softmax: the log-probs are
+    those of the distribution the tokens were drawn from.
 
     The forward runs only on the columns some row of this batch uses: prompt
     padding every row has and response columns past the batch's longest response
@@ -552,7 +563,8 @@ def scores_while_sampling(actor_critic, sampler, engine) -> bool:
     autocast keep the forward. So do critic-free policies: their advantages are
     normalised per group, and where a prompt's scores are equal the rounding between
     the sampler's log-probs and the reference's forward would become a whole step in
-    the KL-shaped rewards.
+    the KL-shaped rewards. (A static cache, whose decoding steps are compiled, keeps it
+    too: see :func:`ppo_rollout`.)
     """
     policy = actor_critic.policy
     return (actor_critic.has_critic and sampler is policy and next(policy.parameters()).dtype == torch.float32
@@ -621,7 +633,7 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
         sampler = sampler_model(inner.policy, gen, engine)
         if not score_policy and inner.has_critic:
             raise ValueError("score_policy=False needs a critic-free policy")
-        from_sampler = score_policy and scores_while_sampling(inner, sampler, engine)
+        from_sampler = score_policy and gen.cache != "static" and scores_while_sampling(inner, sampler, engine)
         head = inner.value_head if from_sampler and inner.value_model is None else None
         for start in range(0, len(mine), gen.batch_size):
             chunk = [jobs[j] for j in mine[start:start + gen.batch_size]]
