@@ -411,8 +411,8 @@ def generate(model, tokenizer, prompts: list[Messages], gen: GenerationConfig, n
         for start in range(0, len(order), gen.batch_size):
             chunk = order[start:start + gen.batch_size]
             responses, logprobs, _ = _sample(sampler, tokenizer, [encoded[jobs[j][0]] for j in chunk],
-                                          [jobs[j] for j in chunk], gen, seed, engine.synced_generation,
-                                          max_time, stop)
+                                             [jobs[j] for j in chunk], gen, seed, engine.synced_generation,
+                                             max_time, stop)
             for row, (j, resp) in enumerate(zip(chunk, responses)):
                 p, s = jobs[j]
                 finished = bool(resp) and resp[-1] == eos
