@@ -40,7 +40,10 @@ Utilisation: for DPO and the reward models, the FLOPs a step needs (torch's
 ``FlopCounterMode`` over the trained model's forward and backward on the step's rows at
 their mean padded length; DPO's reference forward not counted, since it can be computed
 once) over each side's time per step, against the fp32 matmul rate measured in the same
-run (2048 x 2048 products).
+run (2048 x 2048 products). For GRPO and PPO, whose work depends on what was sampled, the
+FLOPs each side's steps run, sampling, scoring and update together, counted by the same
+mode over a run of their own (2 steps; counting slows every operation, so it is not the
+timed run), over that side's median step time.
 
 Gradient checkpointing is off on both sides (TRL turns it on by default: with it, TRL
 recomputes activations and uses less memory; ``COMPARE_GRADIENT_CHECKPOINTING=1`` turns it
@@ -93,6 +96,7 @@ SETTINGS = {  # part -> (model, lora, batch size)
 # (b) each library's recommended set-up for a LoRA policy, with the held-out score
 PPO_PARTS = {"ppo": [], "ppo-lora": ["--lora"], "ppo-recommended": ["--recommended"]}
 PPO_STEPS = 4
+COUNTED_STEPS = 2  # GRPO's FLOPs per step: the mean over a counted run this long
 PPO_GPU_SIZES = ["--prompts", "64", "--tokens", "128", "--minibatch", "16"]
 
 
@@ -268,6 +272,10 @@ def child(side: str, part: str, pairs: Path, steps: int) -> None:
     quiet_transformers()
     if side == "flops":
         result = {"flops": step_flops(part, pairs, steps) if part else 0.0, "peak": matmul_peak()}
+    elif side.endswith("-count"):  # a GRPO side's FLOPs per step, from a counted run of COUNTED_STEPS
+        run = run_alignkit if side == "alignkit-count" else run_trl
+        with tempfile.TemporaryDirectory() as out:
+            result = {"flops": counted_flops(lambda: run(part, pairs, COUNTED_STEPS, Path(out))) / COUNTED_STEPS}
     else:
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
@@ -297,26 +305,37 @@ def launch(side: str, part: str, pairs: Path, steps: int) -> dict:
 # --------------------------------------------------------------------------- utilisation
 
 
-def matmul_peak() -> float:
+def matmul_peak(gpu: bool = GPU) -> float:
     """The machine's matmul rate in FLOP/s: the best of 2048 x 2048 fp32 products timed here (on a GPU,
     8192 x 8192 in bf16)."""
     import torch
 
-    n, kw = (8192, dict(device="cuda", dtype=torch.bfloat16)) if GPU else (2048, {})
+    n, kw = (8192, dict(device="cuda", dtype=torch.bfloat16)) if gpu else (2048, {})
     a, b = torch.randn(n, n, **kw), torch.randn(n, n, **kw)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(5):
-        if GPU:
+        if gpu:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(5):
             a @ b
-        if GPU:
+        if gpu:
             torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - t0) / 5)
     return 2 * n ** 3 / best
+
+
+def counted_flops(run) -> float:
+    """The FLOPs ``run()`` executes, every forward and backward in it (sampling included), counted by torch's
+    FlopCounterMode: how utilisation is measured where a step's work depends on what was sampled (PPO,
+    GRPO), in a run of its own (counting slows each operation down)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
 
 
 def step_shape(part: str, pairs: Path, steps: int) -> tuple[int, float]:
@@ -369,13 +388,14 @@ def training_part(part: str, steps: int, tmp: Path, peak: float) -> str:
     res = {side: launch(side, part, pairs, steps) for side in ("alignkit", "trl")}
     med = {s: statistics.median(r["step_s"]) for s, r in res.items()}
     model, lora, batch = SETTINGS[part]
-    use = ""
-    if not part.startswith("grpo"):  # a GRPO step is mostly sampling, which is bound by memory, not matmul
-        flops = launch("flops", part, pairs, steps)["flops"]
-        use = (f"  {flops / 1e9:5.0f} GFLOP/step, {flops / med['alignkit'] / peak:4.0%} vs "
-               f"{flops / med['trl'] / peak:4.0%} of matmul peak")
-    elif res["alignkit"].get("sampler_gap") is not None:
-        use = f"  sampler/logprob_gap {res['alignkit']['sampler_gap']:.4f}"
+    if part.startswith("grpo"):  # what each side runs, sampling included (counted in runs of their own)
+        flops = {side: launch(f"{side}-count", part, pairs, COUNTED_STEPS)["flops"] for side in res}
+    else:  # what the step needs, the same for both sides
+        flops = dict.fromkeys(res, launch("flops", part, pairs, steps)["flops"])
+    use = (f"  {flops['alignkit'] / 1e9:5.0f} vs {flops['trl'] / 1e9:5.0f} GFLOP/step, "
+           f"{flops['alignkit'] / med['alignkit'] / peak:4.0%} vs {flops['trl'] / med['trl'] / peak:4.0%} of matmul peak")
+    if res["alignkit"].get("sampler_gap") is not None:
+        use += f"  sampler/logprob_gap {res['alignkit']['sampler_gap']:.4f}"
     name = model.removeprefix("builtin:") if model.startswith("builtin:") else Path(model).name
     return (f"{part:<11} {name:<24} {'LoRA' if lora else 'full':<5} batch {batch}  "
             f"s/step {med['alignkit']:6.3f} vs {med['trl']:6.3f}  x{med['trl'] / med['alignkit']:4.2f} faster  "
@@ -392,7 +412,8 @@ def main() -> int:
     p.add_argument("--batches", default="8,32,64", help="generation: batch sizes")
     p.add_argument("--gpu", action="store_true", help="both sides on CUDA in bf16 autocast, larger batches")
     p.add_argument("--model", help="a folder to use instead of SmolLM2 (e.g. from benchmarks/shapes.py)")
-    p.add_argument("--side", choices=("alignkit", "trl", "flops"), help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=("alignkit", "trl", "flops", "alignkit-count", "trl-count"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
     p.add_argument("--pairs", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()

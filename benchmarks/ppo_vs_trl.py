@@ -22,6 +22,12 @@ time/update`` in metrics.jsonl); the first step (warm-up) is left out and the
 median of the others is printed. Peak memory is each child's maximum resident
 set size. Numbers from a noisy machine: run it twice.
 
+Utilisation: each side then runs 2 more steps under torch's ``FlopCounterMode``, which
+counts every forward and backward the step runs (sampling, scoring, update: TRL's extra
+value model and scoring forward count for TRL); those FLOPs per step over the side's median
+step time, against the matmul rate measured here (``compare.matmul_peak``), as a
+percentage. ``--no-utilisation`` skips the counted runs.
+
 ``--gpu`` runs both sides on CUDA with bf16 autocast (TRL's ``bf16=True``; alignkit's
 ``train.mixed_precision=bf16``, and its sampler from a bf16 copy with a static KV cache,
 ``generation.dtype=bfloat16 generation.cache=static``, its log-prob gap printed); peak
@@ -50,12 +56,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = "builtin:smollm2-135m-instruct"
 TEMPERATURE, KL_COEF, LR, PPO_EPOCHS, HELD_OUT = 0.7, 0.05, 1e-5, 2, 32
+COUNTED_STEPS = 2  # utilisation: FLOPs per step as the mean over a counted run this long
 GPU_SET = ["train.mixed_precision=bf16", "generation.dtype=bfloat16", "generation.cache=static"]
 
 
@@ -73,6 +80,7 @@ class Bench:
     gpu: bool = False
     threads: int = 0
     overrides: tuple[str, ...] = ()  # --set: alignkit's side only
+    counted: bool = False  # a run under torch's FLOP counter, for utilisation: no held-out score
 
 
 def write_reward_model(folder: Path, policy: str) -> None:
@@ -137,7 +145,7 @@ def run_alignkit(reward_folder: Path, b: Bench, out: Path) -> dict:
     result = {"step_s": [r["time/rollout"] + r["time/score"] + r["time/update"] for r in rows],
               "phases": {k: [r[f"time/{k}"] for r in rows] for k in ("rollout", "score", "update")},
               "sampler_gap": [r["sampler/logprob_gap"] for r in rows if "sampler/logprob_gap" in r]}
-    if b.recommended:
+    if b.recommended and not b.counted:
         tok = load_tokenizer(b.model)
         policy = load_causal_lm(ModelConfig(name=str(final)), trainable=False, tokenizer=tok)
         result["held_out"] = held_out_score(policy.to(_device(b)), tok, reward_folder, b)
@@ -193,7 +201,7 @@ def run_trl(reward_folder: Path, b: Bench, out: Path) -> dict:
     trainer.train()
     marks = [start, *ends]
     result = {"step_s": [t1 - t0 for t0, t1 in zip(marks, marks[1:])]}
-    if b.recommended:
+    if b.recommended and not b.counted:
         policy = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model
         result["held_out"] = held_out_score(policy, tok, reward_folder, b)
     return result
@@ -214,8 +222,14 @@ def child(side: str, reward_folder: Path, b: Bench) -> None:
     quiet_transformers()
     if b.threads:
         torch.set_num_threads(b.threads)
+    run = run_alignkit if side == "alignkit" else run_trl
     with tempfile.TemporaryDirectory() as out:
-        result = (run_alignkit if side == "alignkit" else run_trl)(reward_folder, b, Path(out))
+        if b.counted:
+            from compare import counted_flops
+
+            result = {"flops": counted_flops(lambda: run(reward_folder, b, Path(out))) / b.steps}
+        else:
+            result = run(reward_folder, b, Path(out))
     if b.gpu:
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
@@ -253,6 +267,8 @@ def main() -> int:
                    help="rows per minibatch and per rollout forward (divides --prompts)")
     p.add_argument("--gpu", action="store_true", help="CUDA with bf16 autocast on both sides")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--no-utilisation", action="store_true",
+                   help="skip the counted runs (COUNTED_STEPS steps a side) that give each side's FLOPs per step")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an alignkit config override for its side only, e.g. generation.dtype=bfloat16")
     p.add_argument("--side", choices=("alignkit", "trl"), help=argparse.SUPPRESS)
@@ -281,6 +297,10 @@ def main() -> int:
         for side in ("alignkit", "trl"):
             print(f"running {side} ...", flush=True)
             results[side] = launch(side, reward_folder, b)
+        if not args.no_utilisation:
+            for side in ("alignkit", "trl"):
+                print(f"counting {side}'s FLOPs ...", flush=True)
+                results[side]["flops"] = launch(side, reward_folder, replace(b, steps=COUNTED_STEPS, counted=True))["flops"]
 
     extra = [*(GPU_SET if b.gpu else []), *b.overrides]
     setup = ("each library's recommended set-up (alignkit: value head on the trunk; TRL: separate value model)"
@@ -307,6 +327,15 @@ def main() -> int:
         f"{k} {statistics.median(v[1:] or v):.2f}" for k, v in phases.items()))
     if ours.get("sampler_gap"):
         print(f"alignkit sampler/logprob_gap (mean over steps): {statistics.mean(ours['sampler_gap']):.4f}")
+    if not args.no_utilisation:
+        from compare import matmul_peak
+
+        peak = matmul_peak(b.gpu)
+        print(f"utilisation (the FLOPs a side's step runs, sampling included, counted over {COUNTED_STEPS} steps of its "
+              f"own, over its median step time), against a {'bf16' if b.gpu else 'fp32'} matmul peak of "
+              f"{peak / 1e9:.0f} GFLOP/s: alignkit {ours['flops'] / 1e9:.0f} GFLOP/step, "
+              f"{ours['flops'] / ours['median'] / peak:.0%}; TRL {theirs['flops'] / 1e9:.0f} GFLOP/step, "
+              f"{theirs['flops'] / theirs['median'] / peak:.0%}")
     if b.recommended:
         print(f"held-out score ({HELD_OUT} red-team test prompts, the reward model): alignkit "
               f"{ours['held_out']:.4f}, TRL {theirs['held_out']:.4f}")
