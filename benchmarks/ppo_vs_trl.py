@@ -40,9 +40,11 @@ machine the built-in package cannot reach); ``--prompts``, ``--tokens`` and
 equal work: alignkit's defaults (the value head on the policy's trunk, the reference by
 switching the adapter off) against TRL's (a separate value model trained in full, the
 reference by adapter switch), same prompts, lengths, rollout and minibatch sizes and number
-of optimizer passes. So that speed is not bought with learning, both sides then answer the
-same 32 held-out red-team prompts once (same seed, alignkit's sampler) with their trained
-policy and the reward model scores the answers: the mean is printed as the held-out score.
+of optimizer passes. So that speed is not bought with learning, the start policy and both
+trained policies then answer every held-out red-team prompt 4 times (the same seeds,
+alignkit's sampler) and the reward model scores the answers: the means are printed with
+paired differences by prompt (bootstrap 95% intervals, Wilcoxon p), alignkit against TRL
+and each against the start.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = "builtin:smollm2-135m-instruct"
-TEMPERATURE, KL_COEF, LR, PPO_EPOCHS, HELD_OUT = 0.7, 0.05, 1e-5, 2, 32
+TEMPERATURE, KL_COEF, LR, PPO_EPOCHS = 0.7, 0.05, 1e-5, 2
+HELD_OUT_SAMPLES = 4  # answers per held-out prompt (every red-team test prompt), each with its own seed
 COUNTED_STEPS = 2  # utilisation: FLOPs per step as the mean over a counted run this long
 GPU_SET = ["train.mixed_precision=bf16", "generation.dtype=bfloat16", "generation.cache=static"]
 
@@ -106,17 +109,20 @@ def prompt_messages(n: int) -> list:
     return [p.prompt for p in load_prompts("builtin:prompts", split="train", kind="red_team", limit=n)]
 
 
-def held_out_score(policy, tok, reward_folder: Path, b: Bench) -> float:
-    """Mean reward of one answer to each of the held-out red-team prompts (fixed seed, same sampler)."""
+def held_out_scores(policy, tok, reward_folder: Path, b: Bench) -> list[float]:
+    """Per held-out red-team prompt, the reward model's mean score of ``HELD_OUT_SAMPLES`` answers (fixed seeds,
+    alignkit's sampler for every policy, so that the policies are what differs)."""
     from alignkit.config import GenerationConfig
     from alignkit.data.formats import load_prompts
     from alignkit.rewards import build_reward
     from alignkit.rollout import generate
 
-    prompts = [p.prompt for p in load_prompts("builtin:prompts", split="test", kind="red_team", limit=HELD_OUT)]
-    gen = GenerationConfig(max_new_tokens=b.tokens, temperature=TEMPERATURE, batch_size=HELD_OUT)
-    answers = [g.text for g in generate(policy, tok, prompts, gen, seed=1234)]
-    return float(build_reward(f"rm:{reward_folder}")(prompts, answers).mean())
+    prompts = [p.prompt for p in load_prompts("builtin:prompts", split="test", kind="red_team")]
+    gen = GenerationConfig(max_new_tokens=b.tokens, temperature=TEMPERATURE, batch_size=len(prompts))
+    reward = build_reward(f"rm:{reward_folder}")
+    per_seed = [reward(prompts, [g.text for g in generate(policy, tok, prompts, gen, seed=1234 + k)])
+                for k in range(HELD_OUT_SAMPLES)]
+    return [float(sum(scores[i] for scores in per_seed) / HELD_OUT_SAMPLES) for i in range(len(prompts))]
 
 
 def run_alignkit(reward_folder: Path, b: Bench, out: Path) -> dict:
@@ -148,7 +154,7 @@ def run_alignkit(reward_folder: Path, b: Bench, out: Path) -> dict:
     if b.recommended and not b.counted:
         tok = load_tokenizer(b.model)
         policy = load_causal_lm(ModelConfig(name=str(final)), trainable=False, tokenizer=tok)
-        result["held_out"] = held_out_score(policy.to(_device(b)), tok, reward_folder, b)
+        result["held_out"] = held_out_scores(policy.to(_device(b)), tok, reward_folder, b)
     return result
 
 
@@ -203,7 +209,7 @@ def run_trl(reward_folder: Path, b: Bench, out: Path) -> dict:
     result = {"step_s": [t1 - t0 for t0, t1 in zip(marks, marks[1:])]}
     if b.recommended and not b.counted:
         policy = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model
-        result["held_out"] = held_out_score(policy, tok, reward_folder, b)
+        result["held_out"] = held_out_scores(policy, tok, reward_folder, b)
     return result
 
 
@@ -253,6 +259,30 @@ def launch(side: str, reward_folder: Path, b: Bench) -> dict:
     return result
 
 
+def start_scores(reward_folder: Path, b: Bench) -> list[float]:
+    """The untrained policy's held-out scores: where both sides began."""
+    from alignkit.config import ModelConfig
+    from alignkit.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(b.model)
+    policy = load_causal_lm(ModelConfig(name=b.model), trainable=False, tokenizer=tok)
+    return held_out_scores(policy.to(_device(b)), tok, reward_folder, b)
+
+
+def print_held_out(ours: list[float], theirs: list[float], start: list[float], b: Bench) -> None:
+    """Means and paired differences (bootstrap 95% intervals, Wilcoxon p) over the held-out prompts."""
+    from alignkit.eval.stats import paired_difference_ci
+
+    def change(before, after) -> str:
+        d = paired_difference_ci(before, after)
+        return f"{d.mean_difference:+.4f} [{d.low:+.4f}, {d.high:+.4f}], p={d.wilcoxon_pvalue:.2f}"
+
+    print(f"held-out score ({len(start)} red-team test prompts x {HELD_OUT_SAMPLES} answers, the reward model; "
+          f"{b.steps} steps): start {sum(start) / len(start):.4f}; alignkit {sum(ours) / len(ours):.4f} "
+          f"(vs start {change(start, ours)}); TRL {sum(theirs) / len(theirs):.4f} (vs start {change(start, theirs)}); "
+          f"alignkit - TRL {change(theirs, ours)}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=Bench.steps, help="PPO steps per side (the first is warm-up)")
@@ -297,6 +327,9 @@ def main() -> int:
         for side in ("alignkit", "trl"):
             print(f"running {side} ...", flush=True)
             results[side] = launch(side, reward_folder, b)
+        if b.recommended:
+            print("scoring the start policy on the held-out prompts ...", flush=True)
+        start = start_scores(reward_folder, b) if b.recommended else None
         if not args.no_utilisation:
             for side in ("alignkit", "trl"):
                 print(f"counting {side}'s FLOPs ...", flush=True)
@@ -337,8 +370,7 @@ def main() -> int:
               f"{ours['flops'] / ours['median'] / peak:.0%}; TRL {theirs['flops'] / 1e9:.0f} GFLOP/step, "
               f"{theirs['flops'] / theirs['median'] / peak:.0%}")
     if b.recommended:
-        print(f"held-out score ({HELD_OUT} red-team test prompts, the reward model): alignkit "
-              f"{ours['held_out']:.4f}, TRL {theirs['held_out']:.4f}")
+        print_held_out(ours["held_out"], theirs["held_out"], start, b)
     return 0
 
 
