@@ -338,31 +338,28 @@ def counted_flops(run) -> float:
     return counter.get_total_flops()
 
 
-def step_shape(part: str, pairs: Path, steps: int) -> tuple[int, float, float]:
-    """``(rows, mean padded length, mean head width)`` of a training step: both answers of each pair,
-    prompt + answer cut at ``MAX_LENGTH`` tokens, padded to the longest row of the step; the head width
-    is the positions from the first that predicts a response token (the step's shortest prompt) on."""
+def step_shape(part: str, pairs: Path, steps: int) -> tuple[int, float]:
+    """``(rows, mean padded length)`` of a training step: both answers of each pair, prompt + answer cut at
+    ``MAX_LENGTH`` tokens, padded to the longest row of the step."""
     from alignkit.data.collate import encode_prompt, encode_response
     from alignkit.models import load_tokenizer
 
     model, _, batch = SETTINGS[part]
     tok = load_tokenizer(model)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    widths, heads = [], []
+    widths = []
     for k in range(0, min(len(rows), batch * steps), batch):
-        prompts = [len(encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])) for r in rows[k:k + batch]]
-        lengths = [min(MAX_LENGTH, p + len(encode_response(tok, r[side])))
-                   for p, r in zip(prompts, rows[k:k + batch]) for side in ("chosen", "rejected")]
+        lengths = [min(MAX_LENGTH, len(encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]))
+                       + len(encode_response(tok, r[side])))
+                   for r in rows[k:k + batch] for side in ("chosen", "rejected")]
         widths.append(max(lengths))
-        heads.append(max(lengths) - min(prompts) + 1)
-    return 2 * batch, statistics.mean(widths), statistics.mean(heads)
+    return 2 * batch, statistics.mean(widths)
 
 
 def step_flops(part: str, pairs: Path, steps: int) -> float:
     """The FLOPs a step needs, counted by torch's FlopCounterMode: the trained model's forward and backward
     over the step's rows at their mean padded length, as alignkit loads it (LoRA included). A DPO
-    step's reference log-probs are not counted: they can be computed once (alignkit does); nor its LM
-    head over the prompts, which predicts no scored token (alignkit skips it, TRL runs it)."""
+    step's reference log-probs are not counted: they can be computed once (alignkit does)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -370,14 +367,13 @@ def step_flops(part: str, pairs: Path, steps: int) -> float:
     from alignkit.models import load_causal_lm, load_sequence_scorer, load_tokenizer
 
     model_name, lora, _ = SETTINGS[part]
-    rows, width, head = step_shape(part, pairs, steps)
+    rows, width = step_shape(part, pairs, steps)
     cfg = ModelConfig(name=model_name, lora=LoraConfig(enabled=lora, r=LORA_R, alpha=LORA_ALPHA))
     tok = load_tokenizer(model_name)
     model = (load_causal_lm if part == "dpo" else load_sequence_scorer)(cfg, tokenizer=tok)
     ids = torch.randint(5, 1000, (rows, round(width)))
     with FlopCounterMode(display=False) as counter:
-        keep = {"logits_to_keep": min(round(head), ids.shape[1])} if part == "dpo" else {}
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **keep)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
         out.logits.float().mean().backward()
     return counter.get_total_flops()
 

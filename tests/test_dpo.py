@@ -229,33 +229,3 @@ def test_sequence_logps_in_length_sorted_chunks_equal_one_padded_batch(monkeypat
     # and they are each sequence's own: example 0's a-side scored alone
     alone = recipe.sequence_logps(model, examples[:1], tok.pad_token_id)
     torch.testing.assert_close(alone.a, whole.a[:1], atol=1e-5, rtol=1e-6)
-
-
-def test_the_lm_head_runs_only_where_a_response_token_is_predicted(tiny_tokenizer):
-    # Row 0: a 5-token prompt and 3 response tokens (ids 5-7); row 1: 8 + 4 (ids 8-11). Token t+1 is
-    # predicted at position t, so the first position any row needs is 4: the head runs on positions
-    # 4..11 (8 of 12), and the log-probs are those of the whole forward.
-    from alignkit.config import ModelConfig
-    from alignkit.data.collate import response_logits
-    from alignkit.losses import sequence_logprobs, token_logprobs
-    from alignkit.models import load_causal_lm
-
-    model = load_causal_lm(ModelConfig(name="tiny:llama", seed=3), tokenizer=tiny_tokenizer)
-    widths = []
-    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
-    ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(0))
-    attention = torch.tensor([[1] * 8 + [0] * 4, [1] * 12]).bool()
-    response = torch.zeros(2, 12, dtype=torch.bool)
-    response[0, 5:8], response[1, 8:12] = True, True
-    inputs = {"input_ids": ids, "attention_mask": attention}
-    logits, labels, mask = response_logits(model, inputs, response)
-    assert widths == [8] and logits.shape[:2] == (2, 7)  # positions 4..10 predict tokens 5..11
-    torch.testing.assert_close(labels, ids[:, 5:])
-    torch.testing.assert_close(mask, response[:, 5:])
-    full = model(**inputs).logits[:, :-1]
-    torch.testing.assert_close(sequence_logprobs(token_logprobs(logits, labels), mask),
-                               sequence_logprobs(token_logprobs(full, ids[:, 1:]), response[:, 1:]))
-    # no response token anywhere: the whole width, as before
-    widths.clear()
-    logits, labels, mask = response_logits(model, inputs, torch.zeros_like(response))
-    assert widths == [12] and logits.shape[1] == 11 and not mask.any()

@@ -45,7 +45,7 @@ import torch
 from alignkit.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, check_held_out, check_warmup, opt,
                              reject_unused, to_dict)
 from alignkit.data.collate import (Encoded, collate, encode_example, encode_prompt, encode_response, length_chunks,
-                                   record_error, response_logits)
+                                   record_error, shift_for_lm)
 from alignkit.data.formats import (KTOExample, PreferencePair, detect_file_format, load_kto, load_preferences,
                                    parse_preference, parse_ranking, ranking_to_pairs)
 from alignkit.errors import AlignkitError, DataError
@@ -252,18 +252,17 @@ def sequence_logps(model, examples: list[Example], pad_id: int, average: bool = 
 
     The ``2B`` sequences go through the model shortest first, in chunks of
     ``FORWARD_CHUNK`` each padded to its own longest (:func:`length_chunks`), not
-    as one batch padded to the longest of all, and the LM head runs only where a
-    response token is predicted (:func:`response_logits`); the log-probs are the same.
+    as one batch padded to the longest of all; the log-probs are the same.
     """
     device = next(model.parameters()).device
     seqs = [e.a for e in examples] + [e.b for e in examples]
     logps, lengths = torch.zeros(len(seqs), device=device), torch.zeros(len(seqs), dtype=torch.long, device=device)
     for rows in length_chunks([len(s.input_ids) for s in seqs], FORWARD_CHUNK):
         batch = collate([seqs[i] for i in rows], pad_id).to(device)
-        logits, labels, mask = response_logits(
-            model, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, batch.response_mask)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        labels, mask = shift_for_lm(batch.input_ids, batch.response_mask)
         at = torch.tensor(rows, device=device)
-        logps = logps.index_put((at,), sequence_logprobs(token_logprobs(logits, labels), mask,
+        logps = logps.index_put((at,), sequence_logprobs(token_logprobs(logits[:, :-1], labels), mask,
                                                           average=average).to(logps.dtype))
         lengths[at] = mask.sum(-1)
     n = len(examples)
