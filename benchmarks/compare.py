@@ -96,7 +96,7 @@ SETTINGS = {  # part -> (model, lora, batch size)
 # (b) each library's recommended set-up for a LoRA policy, with the held-out score
 PPO_PARTS = {"ppo": [], "ppo-lora": ["--lora"], "ppo-recommended": ["--recommended"]}
 PPO_STEPS = 4
-COUNTED_STEPS = 2  # GRPO's FLOPs per step: the mean over a counted run this long
+COUNTED_STEPS = 2  # GRPO's and PPO's FLOPs per step: the mean over a counted run this long
 PPO_GPU_SIZES = ["--prompts", "64", "--tokens", "128", "--minibatch", "16"]
 
 

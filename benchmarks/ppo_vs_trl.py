@@ -61,11 +61,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from compare import COUNTED_STEPS, counted_flops, matmul_peak  # this folder's; the child processes run from it too
+
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = "builtin:smollm2-135m-instruct"
 TEMPERATURE, KL_COEF, LR, PPO_EPOCHS = 0.7, 0.05, 1e-5, 2
 HELD_OUT_SAMPLES = 4  # answers per held-out prompt (every red-team test prompt), each with its own seed
-COUNTED_STEPS = 2  # utilisation: FLOPs per step as the mean over a counted run this long
 GPU_SET = ["train.mixed_precision=bf16", "generation.dtype=bfloat16", "generation.cache=static"]
 
 
@@ -231,8 +232,6 @@ def child(side: str, reward_folder: Path, b: Bench) -> None:
     run = run_alignkit if side == "alignkit" else run_trl
     with tempfile.TemporaryDirectory() as out:
         if b.counted:
-            from compare import counted_flops
-
             result = {"flops": counted_flops(lambda: run(reward_folder, b, Path(out))) / b.steps}
         else:
             result = run(reward_folder, b, Path(out))
@@ -327,9 +326,10 @@ def main() -> int:
         for side in ("alignkit", "trl"):
             print(f"running {side} ...", flush=True)
             results[side] = launch(side, reward_folder, b)
+        start = None
         if b.recommended:
             print("scoring the start policy on the held-out prompts ...", flush=True)
-        start = start_scores(reward_folder, b) if b.recommended else None
+            start = start_scores(reward_folder, b)
         if not args.no_utilisation:
             for side in ("alignkit", "trl"):
                 print(f"counting {side}'s FLOPs ...", flush=True)
@@ -361,8 +361,6 @@ def main() -> int:
     if ours.get("sampler_gap"):
         print(f"alignkit sampler/logprob_gap (mean over steps): {statistics.mean(ours['sampler_gap']):.4f}")
     if not args.no_utilisation:
-        from compare import matmul_peak
-
         peak = matmul_peak(b.gpu)
         print(f"utilisation (the FLOPs a side's step runs, sampling included, counted over {COUNTED_STEPS} steps of its "
               f"own, over its median step time), against a {'bf16' if b.gpu else 'fp32'} matmul peak of "
