@@ -36,10 +36,11 @@ tokens; peak memory is then the most the CUDA allocator held, utilisation is aga
 matmul rate. ``--model`` replaces SmolLM2 with a folder (``benchmarks/shapes.py model`` writes
 its exact shape with random weights, for a machine the built-in package cannot reach).
 
-Utilisation: for DPO and the reward models, the FLOPs a step needs (torch's
+Utilisation: for TRL's DPO and reward models, the FLOPs of the plain step (torch's
 ``FlopCounterMode`` over the trained model's forward and backward on the step's rows at
-their mean padded length; DPO's reference forward not counted, since it can be computed
-once) over each side's time per step, against the fp32 matmul rate measured in the same
+their mean padded length); for alignkit's, the same mode over its own step (with a
+causal model each pair's prompt runs once); DPO's reference forward not counted on
+either side, since it can be computed once; each over that side's time per step, against the fp32 matmul rate measured in the same
 run (2048 x 2048 products). For GRPO and PPO, whose work depends on what was sampled, the
 FLOPs each side's steps run, sampling, scoring and update together, counted by the same
 mode over a run of their own (2 steps; counting slows every operation, so it is not the
@@ -109,14 +110,11 @@ def write_pairs(path: Path, n: int) -> None:
 # --------------------------------------------------------------------------- the two sides
 
 
-def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
+def alignkit_config(part: str, pairs: Path, steps: int, out: Path):
+    """``(recipe module, config)`` of alignkit's side of a DPO or reward-model part."""
     from alignkit.config import load_config
-    from alignkit.runs import read_metrics
 
     model, lora, batch = SETTINGS[part]
-    if part.startswith("grpo"):
-        bf16_sampler = ["generation.dtype=bfloat16"] + (["generation.cache=static"] if GPU else [])
-        return _alignkit_grpo(steps, out, bf16_sampler if part == "grpo-bf16" else [])
     stage = "dpo" if part == "dpo" else "rm"
     overrides = [f"model.name={model}", f"model.lora.enabled={str(lora).lower()}", f"model.lora.r={LORA_R}",
                  f"model.lora.alpha={LORA_ALPHA}", f"data.path={pairs}", "data.eval_fraction=0",
@@ -131,6 +129,18 @@ def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
     else:
         from alignkit.recipes import rm as recipe
     cfg = load_config(recipe.Config, None, overrides)
+    return recipe, cfg
+
+
+def run_alignkit(part: str, pairs: Path, steps: int, out: Path) -> dict:
+    from alignkit.runs import read_metrics
+
+    model, lora, batch = SETTINGS[part]
+    if part.startswith("grpo"):
+        bf16_sampler = ["generation.dtype=bfloat16"] + (["generation.cache=static"] if GPU else [])
+        return _alignkit_grpo(steps, out, bf16_sampler if part == "grpo-bf16" else [])
+    stage = "dpo" if part == "dpo" else "rm"
+    recipe, cfg = alignkit_config(part, pairs, steps, out)
     recipe.main(cfg)
     rows = read_metrics(out / "bench" / stage)
     return {"step_s": [r["time/step"] for r in rows if "time/step" in r]}
@@ -272,6 +282,8 @@ def child(side: str, part: str, pairs: Path, steps: int) -> None:
     quiet_transformers()
     if side == "flops":
         result = {"flops": step_flops(part, pairs, steps) if part else 0.0, "peak": matmul_peak()}
+        if part:
+            result["alignkit_flops"] = alignkit_step_flops(part, pairs, steps)
     elif side.endswith("-count"):  # a GRPO side's FLOPs per step, from a counted run of COUNTED_STEPS
         run = run_alignkit if side == "alignkit-count" else run_trl
         with tempfile.TemporaryDirectory() as out:
@@ -339,8 +351,8 @@ def counted_flops(run) -> float:
 
 
 def step_shape(part: str, pairs: Path, steps: int) -> tuple[int, float]:
-    """``(rows, mean padded length)`` of a training step: both answers of each pair, prompt + answer cut at
-    ``MAX_LENGTH`` tokens, padded to the longest row of the step."""
+    """``(rows, mean padded length)`` of a training step: both answers of each pair, prompt + answer cut
+    at ``MAX_LENGTH`` tokens, padded to the longest row of the step."""
     from alignkit.data.collate import encode_prompt, encode_response
     from alignkit.models import load_tokenizer
 
@@ -349,17 +361,17 @@ def step_shape(part: str, pairs: Path, steps: int) -> tuple[int, float]:
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     widths = []
     for k in range(0, min(len(rows), batch * steps), batch):
-        lengths = [min(MAX_LENGTH, len(encode_prompt(tok, [{"role": "user", "content": r["prompt"]}]))
-                       + len(encode_response(tok, r[side])))
-                   for r in rows[k:k + batch] for side in ("chosen", "rejected")]
-        widths.append(max(lengths))
+        prompts = [len(encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])) for r in rows[k:k + batch]]
+        widths.append(max(min(MAX_LENGTH, p + len(encode_response(tok, r[side])))
+                          for p, r in zip(prompts, rows[k:k + batch]) for side in ("chosen", "rejected")))
     return 2 * batch, statistics.mean(widths)
 
 
 def step_flops(part: str, pairs: Path, steps: int) -> float:
-    """The FLOPs a step needs, counted by torch's FlopCounterMode: the trained model's forward and backward
-    over the step's rows at their mean padded length, as alignkit loads it (LoRA included). A DPO
-    step's reference log-probs are not counted: they can be computed once (alignkit does)."""
+    """The FLOPs of a step run the plain way, counted by torch's FlopCounterMode: the trained model's forward
+    and backward over the step's rows, padded to their mean padded length, as alignkit loads it (LoRA
+    included). A DPO step's reference log-probs are not counted (alignkit computes them once, TRL in
+    every step), so this is TRL's trained-model work; alignkit's is :func:`alignkit_step_flops`."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -378,6 +390,44 @@ def step_flops(part: str, pairs: Path, steps: int) -> float:
     return counter.get_total_flops()
 
 
+def alignkit_step_flops(part: str, pairs: Path, steps: int) -> float:
+    """The FLOPs of alignkit's DPO or reward-model step, per step, counted by FlopCounterMode over its own
+    forward and backward on each step's pairs: each pair's prompt once with a causal model, and for DPO
+    the LM head on answer positions only."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from alignkit.models import load_causal_lm, load_sequence_scorer, load_tokenizer
+
+    batch = SETTINGS[part][2]
+    with tempfile.TemporaryDirectory() as out:
+        recipe, cfg = alignkit_config(part, pairs, steps, Path(out))
+    tok = load_tokenizer(cfg.model.name, padding_side="right")  # as the recipes load them
+    if part == "dpo":
+        model = load_causal_lm(cfg.model, trainable=True, rl=True, tokenizer=tok)
+        examples, _ = recipe.load_examples(cfg, tok)
+
+        def step(k: int):
+            out = recipe.sequence_logps(model, examples[k:k + batch], tok.pad_token_id)
+            return out.a.sum() - out.b.sum()
+    else:
+        from alignkit.rewards.model import RMInput
+
+        model = load_sequence_scorer(cfg.model, tokenizer=tok)
+        train, _ = recipe.load_pairs(cfg)
+        data = recipe.encode_pairs(RMInput(tok, cfg.layout, cfg.data.max_length), train, "raise")
+
+        def step(k: int):
+            chosen, rejected = recipe.score_pairs(model, RMInput(tok, cfg.layout, cfg.data.max_length), data,
+                                                  list(range(k, min(k + batch, len(data.chosen)))))
+            return chosen.sum() - rejected.sum()
+    with FlopCounterMode(display=False) as counter:
+        for k in range(0, batch * steps, batch):
+            step(k).backward()
+    return counter.get_total_flops() / steps
+
+
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -390,8 +440,9 @@ def training_part(part: str, steps: int, tmp: Path, peak: float) -> str:
     model, lora, batch = SETTINGS[part]
     if part.startswith("grpo"):  # what each side runs, sampling included (counted in runs of their own)
         flops = {side: launch(f"{side}-count", part, pairs, COUNTED_STEPS)["flops"] for side in res}
-    else:  # what the step needs, the same for both sides
-        flops = dict.fromkeys(res, launch("flops", part, pairs, steps)["flops"])
+    else:  # TRL: the plain step's work; alignkit: its own step's (each prompt once with a causal model)
+        counted = launch("flops", part, pairs, steps)
+        flops = {"alignkit": counted.get("alignkit_flops", counted["flops"]), "trl": counted["flops"]}
     use = (f"  {flops['alignkit'] / 1e9:5.0f} vs {flops['trl'] / 1e9:5.0f} GFLOP/step, "
            f"{flops['alignkit'] / med['alignkit'] / peak:4.0%} vs {flops['trl'] / med['trl'] / peak:4.0%} of matmul peak")
     if res["alignkit"].get("sampler_gap") is not None:

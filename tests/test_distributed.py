@@ -205,7 +205,11 @@ def test_dpo_two_processes_equal_one_with_twice_the_batch_and_resume_after_a_kil
                                                   "eval_reward_margin") if loss == "dpo" else ("kl_ref_point",))
     # z0 is a difference of summed sequence log-probs (~350 nats: fp32 resolves ~4e-5 of that)
     assert_same_curve(one, two, keys, looser={"kl_ref_point": 1e-4})
-    assert_same_weights(one / "final", two / "final")
+    # The LM head runs from the first position a chunk's responses need, and a chunk is one process's
+    # rows: other widths, so the tied embedding's gradient is summed in another order (~1e-7), which
+    # Adam's g / sqrt(v) lifts to ~3e-6 on its few near-zero entries; a step taken on other data would
+    # differ by the learning rate, 1e-4.
+    assert_same_weights(one / "final", two / "final", atol=1e-5)
     assert_main_process_wrote(two, 2)
 
 

@@ -229,3 +229,82 @@ def test_sequence_logps_in_length_sorted_chunks_equal_one_padded_batch(monkeypat
     # and they are each sequence's own: example 0's a-side scored alone
     alone = recipe.sequence_logps(model, examples[:1], tok.pad_token_id)
     torch.testing.assert_close(alone.a, whole.a[:1], atol=1e-5, rtol=1e-6)
+
+
+def test_the_lm_head_runs_only_where_a_response_token_is_predicted(tiny_tokenizer):
+    # Row 0: a 5-token prompt and 3 response tokens (ids 5-7); row 1: 8 + 4 (ids 8-11). Token t+1 is
+    # predicted at position t, so the first position any row needs is 4: the head runs on positions
+    # 4..11 (8 of 12), and the log-probs are those of the whole forward.
+    from alignkit.config import ModelConfig
+    from alignkit.data.collate import response_logits
+    from alignkit.losses import sequence_logprobs, token_logprobs
+    from alignkit.models import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(name="tiny:llama", seed=3), tokenizer=tiny_tokenizer)
+    widths = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
+    ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    attention = torch.tensor([[1] * 8 + [0] * 4, [1] * 12]).bool()
+    response = torch.zeros(2, 12, dtype=torch.bool)
+    response[0, 5:8], response[1, 8:12] = True, True
+    inputs = {"input_ids": ids, "attention_mask": attention}
+    logits, labels, mask = response_logits(model, inputs, response)
+    assert widths == [8] and logits.shape[:2] == (2, 7)  # positions 4..10 predict tokens 5..11
+    torch.testing.assert_close(labels, ids[:, 5:])
+    torch.testing.assert_close(mask, response[:, 5:])
+    full = model(**inputs).logits[:, :-1]
+    torch.testing.assert_close(sequence_logprobs(token_logprobs(logits, labels), mask),
+                               sequence_logprobs(token_logprobs(full, ids[:, 1:]), response[:, 1:]))
+    # no response token anywhere: the whole width, as before
+    widths.clear()
+    logits, labels, mask = response_logits(model, inputs, torch.zeros_like(response))
+    assert widths == [12] and logits.shape[1] == 11 and not mask.any()
+
+
+def test_chosen_and_rejected_run_their_shared_prompt_once_with_the_same_log_probs(monkeypatch):
+    # Examples 0-3 share their prompt between chosen and rejected; example 4's rejected gets another
+    # prompt (as truncation can make it), so it runs as two whole sequences. The log-probs, lengths and
+    # gradients are those of every sequence run whole; the model sees each shared prompt once.
+    from alignkit.config import ModelConfig
+    from alignkit.data.collate import Encoded
+    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.recipes import dpo as recipe
+
+    tok = load_tokenizer("tiny:llama")
+    cfg = load_config(recipe.Config, TINY, ["data.eval_fraction=0"])
+    examples, _ = recipe.load_examples(cfg, tok)
+    examples = examples[:5]
+    other = examples[4].b
+    examples[4] = recipe.Example(examples[4].a, Encoded([7, 8, 9] + other.input_ids[other.prompt_len:], 3))
+    assert [recipe._same_prompt(e) for e in examples] == [True] * 4 + [False]
+    model = load_causal_lm(ModelConfig(name="tiny:llama", seed=1), tokenizer=tok)
+    tokens = []  # the tokens each forward runs: its new columns' attention (a cache's columns not counted)
+    model.register_forward_pre_hook(
+        lambda m, args, kw: tokens.append(int(kw["attention_mask"][:, -kw["input_ids"].shape[1]:].sum())),
+        with_kwargs=True)
+    results = {}
+    for share in (True, False):
+        monkeypatch.setattr(recipe, "can_share_prefixes", lambda m: share)
+        model.zero_grad()
+        tokens.clear()
+        out = recipe.sequence_logps(model, examples, tok.pad_token_id)
+        (out.a.sum() - 2 * out.b.sum()).backward()
+        results[share] = (out, model.model.embed_tokens.weight.grad.clone(), sum(tokens))
+    (shared, grad, run), (whole, whole_grad, whole_run) = results[True], results[False]
+    for key in ("a", "b", "len_a", "len_b"):
+        torch.testing.assert_close(getattr(shared, key), getattr(whole, key), atol=1e-4, rtol=1e-6)  # sums ~300
+    torch.testing.assert_close(grad, whole_grad, atol=1e-4, rtol=1e-4)
+    # a response's length is its tokens: the sequence minus its prompt
+    assert shared.len_a.tolist() == [len(e.a.input_ids) - e.a.prompt_len for e in examples]
+    # each shared prompt once, then every answer; example 4's two sequences whole
+    prompts = sum(e.a.prompt_len for e in examples[:4])
+    answers = sum(len(s.input_ids) - s.prompt_len for e in examples[:4] for s in (e.a, e.b))
+    assert run == prompts + answers + len(examples[4].a.input_ids) + len(examples[4].b.input_ids)
+    assert whole_run == sum(len(s.input_ids) for e in examples for s in (e.a, e.b)) == run + prompts
+    # under gradient checkpointing transformers gives no cache in training: whole sequences
+    from alignkit.shared_prefix import can_share_prefixes
+    from alignkit.training import enable_gradient_checkpointing
+
+    assert can_share_prefixes(model)
+    enable_gradient_checkpointing(model)
+    assert not can_share_prefixes(model)

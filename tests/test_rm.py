@@ -10,7 +10,7 @@ import torch
 
 from alignkit import cli
 from alignkit.config import ModelConfig, load_config
-from alignkit.data.formats import LabelerRanking, RankingItem, ranking_to_pairs
+from alignkit.data.formats import LabelerRanking, PreferencePair, RankingItem, ranking_to_pairs
 from alignkit.errors import AlignkitError
 from alignkit.losses import pairwise_loss, reward_centering_loss
 from alignkit.recipes import rm
@@ -220,3 +220,53 @@ def test_a_decoder_scorer_builds_no_kv_cache_in_its_forwards(tiny_tokenizer):
     assert model.config.use_cache is False
     out = model(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
     assert getattr(out, "past_key_values", None) is None
+
+
+def test_texts_run_the_start_they_share_with_their_partners_once(tiny_tokenizer, monkeypatch):
+    # A ranking of 3 answers (3 pairs over 3 texts) and a pair to another prompt. A causal scorer runs
+    # each prompt's tokens once and every text's own tokens after them; scores and gradients are those
+    # of every text run whole, and the saving is the shared start, once per extra text.
+    import os
+
+    from alignkit.config import ModelConfig
+    from alignkit.models import load_sequence_scorer
+
+    prompt = [{"role": "user", "content": "Describe the sea in a few words, please."}]
+    texts = ("The sea is vast and blue.", "Salty, deep and full of life.", "The sea is stupid.")
+    item = RankingItem(prompt, texts, (LabelerRanking("ann", (2, 1, 3)),), "r.jsonl:line 1")
+    pairs = ranking_to_pairs(item, group=0) + [
+        PreferencePair([{"role": "user", "content": "Hi"}], "Hello there, friend!", "Go away.", loc="p.jsonl:line 1")]
+    rm_input = RMInput(tiny_tokenizer, "chat", 256)
+    data = rm.encode_pairs(rm_input, pairs, "raise")
+    assert len(data.texts) == 5
+    model = load_sequence_scorer(ModelConfig(name="tiny:llama", seed=2), tokenizer=tiny_tokenizer)
+    tokens = []  # the tokens each forward runs: its new columns' attention (a cache's columns not counted)
+    model.register_forward_pre_hook(
+        lambda m, args, kw: tokens.append(int(kw["attention_mask"][:, -kw["input_ids"].shape[1]:].sum())),
+        with_kwargs=True)
+    results = {}
+    for share in (True, False):
+        monkeypatch.setattr(rm, "can_share_prefixes", lambda m: share)
+        model.zero_grad()
+        tokens.clear()
+        r_c, r_r = rm.score_pairs(model, rm_input, data, [0, 1, 2, 3])
+        (r_c.sum() - 3 * r_r.sum()).backward()
+        results[share] = (r_c, r_r, model.score.weight.grad.clone(), sum(tokens))
+    (c, r, grad, run), (c_whole, r_whole, grad_whole, run_whole) = results[True], results[False]
+    torch.testing.assert_close(c, c_whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, r_whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_whole, atol=1e-5, rtol=1e-5)
+    ids = [t["input_ids"] for t in data.texts]
+    assert run_whole == sum(map(len, ids))
+    ranking, pair = ids[:3], ids[3:]
+    # each group's start: what its texts have in common (the chat template and the prompt)
+    saved = 2 * len(os.path.commonprefix(ranking)) + len(os.path.commonprefix(pair))
+    assert len(os.path.commonprefix(ranking)) > 10 and run == run_whole - saved
+    # an encoder (MiniLM is a BERT) cannot: its bidirectional prompt states read the answer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from alignkit.shared_prefix import can_share_prefixes
+
+    bert = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=1))
+    assert can_share_prefixes(model) and not can_share_prefixes(bert)

@@ -161,3 +161,19 @@ def collate(encoded: list[Encoded], pad_id: int) -> Batch:
 def shift_for_lm(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels and mask aligned with logits[:, :-1]: token t+1 is predicted at t."""
     return input_ids[:, 1:], mask[:, 1:]
+
+
+def response_logits(model, inputs: dict, response_mask: torch.Tensor):
+    """``(logits, labels, mask)``: the model's logits at the positions that predict response tokens, with
+    the labels and response mask aligned to them (token t+1 is predicted at t).
+
+    The LM head runs from the first position any row's response needs (``logits_to_keep``), not
+    over the prompts: a 49,152-token vocabulary's head is a fifth of a small model's matmuls per
+    position, and its log-softmax reads and writes every logit. ``inputs`` are the model's keyword
+    arguments (``input_ids`` and a mask or positions), ``response_mask`` ``(B, T)``.
+    """
+    width = response_mask.shape[1]
+    scored = response_mask[:, 1:].any(0)  # the label columns some row scores
+    start = int(scored.float().argmax()) if bool(scored.any()) else 0  # position start predicts token start+1
+    logits = model(**inputs, use_cache=False, logits_to_keep=width - start).logits[:, :-1]
+    return logits, inputs["input_ids"][:, start + 1:], response_mask[:, start + 1:]

@@ -54,6 +54,7 @@ from alignkit.data.synthetic import synthetic_records
 from alignkit.models import load_sequence_scorer, load_tokenizer
 from alignkit.rewards.model import META_FILE, RMInput, normalisation_stats, score_batch, score_encoded
 from alignkit.runs import RunDir, config_hash, run_dir_at
+from alignkit.shared_prefix import can_share_prefixes, common_prefix, prefix_forward
 from alignkit.training import (Engine, build_optimizer, build_scheduler, step_batches, steps_per_epoch, total_steps,
                                trainable_parameters)
 
@@ -177,19 +178,58 @@ def encode_pairs(rm_input: RMInput, pairs: list[PreferencePair], on_error: str) 
 def score_pairs(model, rm_input: RMInput, data: EncodedPairs, pair_ids: list[int]):
     """(r_c, r_r) for the given pairs, each distinct text scored once, with grad.
 
-    The texts go through the model in length-sorted chunks of ``SCORE_CHUNK``
-    (:func:`~alignkit.data.collate.length_chunks`): padding every text to the
-    longest of the micro-batch costs ~30% more compute on short preference data;
-    the scores are the same.
+    With a causal model, texts that start with the same tokens as their pair partner (the
+    prompt) run that start once (:func:`score_sharing_prefixes`). The other texts go
+    through the model in length-sorted chunks of ``SCORE_CHUNK``
+    (:func:`~alignkit.data.collate.length_chunks`): padding every text to the longest
+    of the micro-batch costs ~30% more compute on short preference data. The scores are
+    the same either way, to float rounding.
     """
     text_ids = sorted({data.chosen[i] for i in pair_ids} | {data.rejected[i] for i in pair_ids})
-    chunks = [[text_ids[k] for k in rows]
-              for rows in length_chunks([len(data.texts[t]["input_ids"]) for t in text_ids], SCORE_CHUNK)]
-    slot = {t: k for k, t in enumerate(t for rows in chunks for t in rows)}
-    scores = torch.cat([score_batch(model, rm_input.collate([data.texts[t] for t in rows])) for rows in chunks])
-    chosen = scores[[slot[data.chosen[i]] for i in pair_ids]]
-    rejected = scores[[slot[data.rejected[i]] for i in pair_ids]]
+    scored = score_sharing_prefixes(model, rm_input, data, pair_ids) if can_share_prefixes(model) else {}
+    rest = [t for t in text_ids if t not in scored]
+    for rows in length_chunks([len(data.texts[t]["input_ids"]) for t in rest], SCORE_CHUNK):
+        scores = score_batch(model, rm_input.collate([data.texts[rest[k]] for k in rows]))
+        scored.update((rest[k], scores[j]) for j, k in enumerate(rows))
+    chosen = torch.stack([scored[data.chosen[i]] for i in pair_ids])
+    rejected = torch.stack([scored[data.rejected[i]] for i in pair_ids])
     return chosen, rejected
+
+
+def score_sharing_prefixes(model, rm_input: RMInput, data: EncodedPairs, pair_ids: list[int]) -> dict:
+    """``{text id: score}`` for the texts of these pairs that share a start with another of them.
+
+    Each text's start is what it has in common with every partner it has here (a
+    ranking's texts have several); texts with the same start run it once
+    (:func:`~alignkit.shared_prefix.prefix_forward`), then their own tokens after it, in
+    chunks of ``SCORE_CHUNK``. A start no other text shares gains nothing: that text is
+    left out, to be scored whole.
+    """
+    ids = lambda t: data.texts[t]["input_ids"]  # noqa: E731
+    start: dict[int, int] = {}
+    for i in pair_ids:
+        c, r = data.chosen[i], data.rejected[i]
+        if c != r:
+            n = common_prefix(ids(c), ids(r))
+            start[c], start[r] = min(start.get(c, n), n), min(start.get(r, n), n)
+    groups: dict[tuple, list[int]] = {}
+    for t, n in start.items():
+        if n:
+            groups.setdefault(tuple(ids(t)[:n]), []).append(t)
+    groups = {prefix: texts for prefix, texts in groups.items() if len(texts) > 1}
+    if not groups:
+        return {}
+    prefixes = [list(prefix) for prefix in groups]
+    texts = [t for members in groups.values() for t in members]
+    owner = [g for g, members in enumerate(groups.values()) for _ in members]
+    suffixes = [ids(t)[len(prefixes[g]):] for t, g in zip(texts, owner)]
+    run = prefix_forward(model, prefixes, suffixes, owner, rm_input.tok.pad_token_id, SCORE_CHUNK)
+    if run is None:
+        return {}
+    scored = {}
+    for c in run[1]:
+        scored.update((texts[k], c.out.logits[j, 0].float()) for j, k in enumerate(c.rows))
+    return scored
 
 
 @torch.no_grad()

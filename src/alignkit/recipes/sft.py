@@ -35,7 +35,7 @@ import torch
 
 from alignkit.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, check_held_out, check_warmup, opt,
                              reject_unused)
-from alignkit.data.collate import Encoded, collate, encode_example, shift_for_lm
+from alignkit.data.collate import Encoded, collate, encode_example, response_logits
 from alignkit.data.formats import SFTExample, load_sft, parse_sft
 from alignkit.data.io import ErrorPolicy
 from alignkit.data.split import split_off
@@ -157,9 +157,9 @@ def make_batch(units: list, pad_id: int) -> tuple[dict, torch.Tensor]:
 def response_nll(model, inputs: dict, response_mask: torch.Tensor, num_tokens: float | None = None):
     """``sft_loss`` of one batch: token t+1 is predicted at t; only response tokens count."""
     device = next(model.parameters()).device
-    logits = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False).logits
-    labels, mask = shift_for_lm(inputs["input_ids"].to(device), response_mask.to(device))
-    return sft_loss(logits[:, :-1], labels, mask, num_tokens=num_tokens)
+    logits, labels, mask = response_logits(model, {k: v.to(device) for k, v in inputs.items()},
+                                           response_mask.to(device))
+    return sft_loss(logits, labels, mask, num_tokens=num_tokens)
 
 
 @torch.no_grad()
