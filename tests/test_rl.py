@@ -264,11 +264,12 @@ def test_a_single_step_update_needs_no_policy_forward_in_the_rollout(tmp_path, a
         logs[skip], records = rl.rl_step(1, cfg, setup, engine)
         hook.remove()
         # the update runs the policy once (one micro-batch of 32 rows); a scored rollout once more
-        # (one forward batch of 32 rows); sampling and the frozen reference do not call it
+        # (one forward batch of 32 rows); sampling and the frozen reference do not call it. Each
+        # of these forwards is two calls: the 8 prompts once, then the 32 answers after them
         logs[skip]["policy_forwards"] = len(calls)
         weights[skip] = {k: v.clone() for k, v in setup.model.state_dict().items()}
         assert records[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
-    assert logs[True]["policy_forwards"] == logs[False]["policy_forwards"] - 1
+    assert logs[True]["policy_forwards"] == 2 and logs[False]["policy_forwards"] == 4
     assert logs[True]["kl"] == pytest.approx(logs[False]["kl"], abs=1e-5)
     for k in weights[True]:
         torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-6, rtol=1e-5)

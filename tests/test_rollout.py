@@ -418,3 +418,62 @@ def test_the_compiled_static_cache_step_on_cuda_samples_as_the_dynamic_cache(tok
         static = decode(policy, ids, attn, GenerationConfig(max_new_tokens=12, cache="static"), None, u)
         assert torch.equal(static[0], dynamic[0])
         torch.testing.assert_close(static[1], dynamic[1], atol=1e-4, rtol=0)
+
+
+def test_answers_to_one_prompt_run_it_once_with_the_log_probs_and_gradients_of_whole_rows(tok):
+    from alignkit.rollout import forward_responses, forward_shared_prompts, shares_prompts
+    from alignkit.training import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    policy = load_causal_lm(ModelConfig(name="tiny:llama", seed=0), rl=True, tokenizer=tok)
+    ac = ActorCritic(policy, critic=False)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    # prompt 0 answered three times (one answer empty), prompt 1 twice; lengths differ, so rows pad
+    responses = [[12, 13, 14], [], [15, 16, 17, 18, 19, 20], [21], [22, 23]]
+    owner = [0, 0, 0, 1, 1]
+    ids, attn, pos, resp, mask, P = layout([prompts[o] for o in owner], responses, 0)
+    tokens = []
+
+    def count(module, args, kwargs):  # the tokens a call runs: its inputs' attention, padding left out
+        tokens.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum()))
+
+    hook = policy.register_forward_pre_hook(count, with_kwargs=True)
+    runs = {}
+    for name, run in (("whole", lambda: forward_responses(ac, ids, attn, pos, resp, 0.7)),
+                      ("shared", lambda: forward_shared_prompts(ac, ids, attn, pos, resp, 0.7))):
+        tokens.clear()
+        ac.zero_grad()
+        logprobs, values, logits = run()
+        (logprobs * mask).sum().backward()
+        runs[name] = (torch.where(mask, logprobs, 0).detach(), values, logits.shape, sum(tokens),
+                      {n: p.grad.clone() for n, p in ac.named_parameters() if p.grad is not None})
+    hook.remove()
+    whole, shared = runs["whole"], runs["shared"]
+    torch.testing.assert_close(shared[0], whole[0], atol=1e-5, rtol=0)
+    assert shared[1] is None and shared[2] == whole[2] == (5, 6, 1024)  # the longest answer's 6 columns
+    # the tokens each forward ran (non-padding): whole rows, or each prompt but its last token once,
+    # then in each row that token (whose logits predict the answer's first) and the answer
+    assert whole[3] == sum(len(prompts[o]) + len(r) for o, r in zip(owner, responses)) == 31
+    assert shared[3] == (5 - 1) + (2 - 1) + sum(1 + len(r) for r in responses) == 22
+    assert shared[4].keys() == whole[4].keys()
+    for name, grad in whole[4].items():
+        torch.testing.assert_close(shared[4][name], grad, atol=1e-5, rtol=1e-4)
+    # the reference (adapter off or a frozen copy) takes the same route
+    with torch.no_grad():
+        ref = reference_forward(policy)
+        torch.testing.assert_close(torch.where(mask, forward_shared_prompts(ref, ids, attn, pos, resp, 0.7)[0], 0),
+                                   whole[0], atol=1e-5, rtol=0)
+    # a prompt of one token leaves nothing to share: rows run whole
+    one = layout([[5], [5]], [[6, 7], [8]], 0)
+    tokens.clear()
+    hook = policy.register_forward_pre_hook(count, with_kwargs=True)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_shared_prompts(ac, *one[:4], 0.7)[0], forward_responses(ac, *one[:4], 0.7)[0])
+    hook.remove()
+    assert tokens == [5, 5]  # one call each, on the same 5 tokens
+    # when it applies: several answers a prompt, a causal model keeping its cache, no critic on the trunk
+    assert shares_prompts(policy, 4) and not shares_prompts(policy, 1)
+    with pytest.raises(ValueError, match="critic-free"):
+        ActorCritic(policy)(ids, attn, pos, 2, cache=object())
+    enable_gradient_checkpointing(policy)
+    assert not shares_prompts(policy, 4)

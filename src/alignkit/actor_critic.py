@@ -2,7 +2,10 @@
 
 Both are called ``(input_ids, attention_mask, position_ids, logits_to_keep) ->
 (logits, values)`` on the rollout's layout (:func:`alignkit.rollout.layout`), so
-that the rollout and the update run exactly the same computation.
+that the rollout and the update run exactly the same computation. Without a critic
+they also take ``cache``, a transformers KV cache the forward reads and extends in
+place: the answers to one prompt then run that prompt once
+(:func:`alignkit.rollout.forward_shared_prompts`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from alignkit.models import adapter_disabled, frozen_copy, is_peft
+from alignkit.rollout import cache_kwarg
 
 
 class ActorCritic(nn.Module):
@@ -46,11 +50,14 @@ class ActorCritic(nn.Module):
             return None
         return self.value_model if self.value_model is not None else self.value_head
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int, cache=None):
         if not self.has_critic:
             out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              logits_to_keep=logits_to_keep, use_cache=False)
+                              logits_to_keep=logits_to_keep, use_cache=cache is not None,
+                              **({cache_kwarg(self.policy): cache} if cache is not None else {}))
             return out.logits, None
+        if cache is not None:
+            raise ValueError("a KV cache is for the critic-free policy only")
         shared = self.value_model is None
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           logits_to_keep=logits_to_keep, output_hidden_states=shared, use_cache=False)
@@ -80,11 +87,12 @@ def reference_forward(policy, autocast=contextlib.nullcontext):
     """
     ref_model = None if is_peft(policy) else frozen_copy(policy)
 
-    def forward(input_ids, attention_mask, position_ids, logits_to_keep):
+    def forward(input_ids, attention_mask, position_ids, logits_to_keep, cache=None):
         ctx = adapter_disabled(policy) if ref_model is None else contextlib.nullcontext()
         with ctx, autocast():
             out = (ref_model or policy)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                        logits_to_keep=logits_to_keep, use_cache=False)
+                                        logits_to_keep=logits_to_keep, use_cache=cache is not None,
+                                        **({cache_kwarg(policy): cache} if cache is not None else {}))
         return out.logits, None
 
     forward.model = ref_model  # the frozen copy (None with LoRA): the engine places it

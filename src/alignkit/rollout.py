@@ -41,6 +41,7 @@ from transformers import TopKLogitsWarper, TopPLogitsWarper
 from alignkit.config import GenerationConfig
 from alignkit.data.collate import encode_prompt, pad
 from alignkit.errors import NonFiniteError
+from alignkit.shared_prefix import cache_rows, can_share_prefixes
 
 Messages = list[dict]
 
@@ -551,6 +552,54 @@ def forward_responses(actor_critic, query_responses, attention_mask, position_id
     return logprobs, values, logits
 
 
+def shares_prompts(policy, n: int) -> bool:
+    """Whether the ``n`` answers to each prompt can run that prompt once (:func:`forward_shared_prompts`):
+    several answers, a causal policy, no gradient checkpointing."""
+    return n > 1 and can_share_prefixes(policy)
+
+
+def forward_shared_prompts(fn, query_responses, attention_mask, position_ids, responses, temperature: float):
+    """:func:`forward_responses` of a critic-free ``fn`` with each distinct prompt of the rows run once.
+
+    The prompts but their last token run together, left-padded, for their KV cache; then
+    every row runs its prompt's last token and its response after it, on a copy of that
+    prompt's rows of the cache, at the positions that go on from it. Gradients flow through
+    the cache into the prompts' forward, so log-probs and gradients are those of
+    :func:`forward_responses`, to float rounding. With G answers per prompt (GRPO, RLOO,
+    online DPO's pairs) the prompt, often half of a row, runs once instead of G times. (The
+    logits all come from the second forward, whole: a one-column slice of the prompts'
+    would reach the LM head by another matmul path for weights that train than for frozen
+    ones, and round differently, so that a policy equal to its reference would not score
+    exactly as it.) Rows whose prompt is a single token run whole, with
+    ``position_ids``. Returns ``(logprobs (B, R), None, logits (B, R', V))``.
+    """
+    from transformers import DynamicCache
+
+    from alignkit.losses import token_logprobs
+
+    P, R = query_responses.shape[1] - responses.shape[1], responses.shape[1]
+    used = attention_mask[:, :P].bool()
+    if int(used.sum(-1).min()) < 2:
+        return forward_responses(fn, query_responses, attention_mask, position_ids, responses, temperature)
+    distinct: dict[tuple, int] = {}
+    owner = [distinct.setdefault(tuple(row[keep].tolist()), len(distinct))
+             for row, keep in zip(query_responses[:, :P], used)]
+    device = query_responses.device
+    p_attn = pad([[1] * (len(p) - 1) for p in distinct], 0, side="left").to(device)
+    p_ids = pad([list(p[:-1]) for p in distinct], 0, side="left").to(device)
+    cache = DynamicCache()
+    fn(p_ids, p_attn, (p_attn.cumsum(-1) - 1).clamp(min=0), 1, cache=cache)
+    mine = torch.tensor(owner, device=device)
+    width = max(1, int(attention_mask[:, P:].sum(-1).max()))  # the longest response of the batch
+    ids = torch.cat([query_responses[:, P - 1:P], responses[:, :width]], dim=1)  # each prompt's last token first
+    attention = torch.cat([p_attn[mine], attention_mask[:, P - 1:P + width]], dim=1)
+    positions = p_attn.sum(-1)[mine][:, None] + torch.arange(width + 1, device=device)
+    logits, _ = fn(ids, attention, positions, width + 1, cache=cache_rows(cache, mine))
+    logits = logits[:, :-1]  # column t predicts response token t
+    logprobs = F.pad(token_logprobs(logits, responses[:, :width], temperature), (0, R - width))
+    return logprobs, None, logits
+
+
 def scores_while_sampling(actor_critic, sampler, engine) -> bool:
     """Whether the sampling pass gives the rollout's policy log-probs (and a value head's values) itself,
     with no scoring forward of the policy (a third of PPO's rollout with a LoRA policy on 2 CPU cores).
@@ -660,16 +709,24 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     values_alone = _value_model_alone(value_model) if value_model is not None else None
     scored: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     lengths = attn.sum(-1).tolist()
-    by_length = sorted(mine, key=lambda j: (lengths[j], j))  # rows of like length together: little padding
+    # rows of like length together: little padding; with n answers per prompt, a prompt's answers
+    # together, each chunk running its prompts once
+    share = shares_prompts(scorer.policy, n)
+    by_length = sorted(mine, key=lambda j: (jobs[j][0] if share else 0, lengths[j], j))
     for start in range(0, len(by_length), forward_batch_size):
         chunk = by_length[start:start + forward_batch_size]
         sel = torch.tensor(chunk)
         batch = (ids[sel].to(device), attn[sel].to(device), pos[sel].to(device), resp[sel].to(device))
-        ref_lp, _, _ = forward_responses(reference, *batch, gen.temperature)
+        if share:
+            ref_lp = forward_shared_prompts(reference, *batch, gen.temperature)[0]
+        else:
+            ref_lp, _, _ = forward_responses(reference, *batch, gen.temperature)
         if from_sampler and head is not None:
             lp, v = sampler_logprobs[sel], sampler_values[sel]
         elif from_sampler:  # a separate value model: its forward alone
             lp, v = sampler_logprobs[sel], forward_responses(values_alone, *batch, gen.temperature)[1]
+        elif score_policy and share and not scorer.has_critic:
+            lp, v, _ = forward_shared_prompts(scorer, *batch, gen.temperature)
         elif score_policy:
             lp, v, _ = forward_responses(scorer, *batch, gen.temperature)
         else:

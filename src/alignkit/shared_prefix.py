@@ -84,13 +84,13 @@ def prefix_forward(model, prefixes: list[list[int]], suffixes: list[list[int]], 
             mask = pad([[1] * len(suffixes[i]) for i in rows], 0).bool().to(device)
             positions = starts[mine][:, None] + torch.arange(ids.shape[1], device=device)
             res = model(input_ids=ids, attention_mask=torch.cat([p_attn[mine], mask.long()], dim=1),
-                        position_ids=positions, use_cache=True, **{cache_kwarg(model): _cache_rows(cache, mine)})
+                        position_ids=positions, use_cache=True, **{cache_kwarg(model): cache_rows(cache, mine)})
             yield Suffixes(rows, ids, mask, mine, res)
 
     return out, chunks()
 
 
-def _cache_rows(cache, rows: torch.Tensor):
+def cache_rows(cache, rows: torch.Tensor):
     """A copy of ``cache`` holding ``rows`` of its batch, in that order (a row may repeat), still in the
     autograd graph; ``cache`` itself is left as it is, for the next chunk."""
     twin = copy.copy(cache)

@@ -166,18 +166,22 @@ def forward_rows(setting: int, micro_size: int, device: torch.device, model: tor
     return max(1, min(setting, micro_size))
 
 
-def length_pieces(items: list, lengths, rows: int, num_processes: int = 1) -> list[list]:
+def length_pieces(items: list, lengths, rows: int, num_processes: int = 1, groups=None) -> list[list]:
     """A minibatch's global micro-batches: ``items`` shortest first by ``lengths[item]``, in pieces of
-    ``rows`` per process.
+    ``rows`` per process; with ``groups``, ``items`` of one group (answers to one prompt) together
+    first, in order of ``groups[item]``.
 
     Each piece's forward runs on the columns its rows use (see
-    :func:`alignkit.rollout.forward_responses`), so rows of like length pad little.
+    :func:`alignkit.rollout.forward_responses`), so rows of like length pad little, or
+    runs each of its prompts once (:func:`alignkit.rollout.forward_shared_prompts`).
     The minibatch, and the gradient summed over it, are the same in any pieces.
 
     >>> length_pieces([4, 1, 3, 0], [9, 5, 7, 2, 8], 2)
     [[3, 1], [4, 0]]
+    >>> length_pieces([4, 1, 3, 0], [9, 5, 7, 2, 8], 2, groups=[0, 1, 1, 1, 0])
+    [[4, 0], [3, 1]]
     """
-    order = sorted(items, key=lambda i: (lengths[i], i))
+    order = sorted(items, key=lambda i: (groups[i] if groups is not None else 0, lengths[i], i))
     size = rows * num_processes
     return [order[k:k + size] for k in range(0, len(order), size)]
 

@@ -67,7 +67,8 @@ from alignkit.models import load_causal_lm, load_tokenizer, model_context
 from alignkit.online import (finish_run, kind_scores, load_prompt_set, mean_metrics, memory_metrics, online_unused,
                              prompt_batch, rollout_samples, run_steps, score_rollout)
 from alignkit.rewards import build_reward
-from alignkit.rollout import Rollout, forward_responses, ppo_rollout, sampler_mismatch
+from alignkit.rollout import (Rollout, forward_responses, forward_shared_prompts, ppo_rollout, sampler_mismatch,
+                              shares_prompts)
 from alignkit.runs import RunDir
 from alignkit.training import (Engine, build_optimizer, build_scheduler, forward_rows, length_pieces,
                                trainable_parameters)
@@ -231,10 +232,18 @@ def pick_pairs(cfg: Config, rollout: Rollout, scores: torch.Tensor, judge, promp
 # --------------------------------------------------------------------------- updates
 
 
-def _forward(model, rollout: Rollout, rows: torch.Tensor, device):
-    return forward_responses(model, rollout.query_responses[rows].to(device), rollout.attention_mask[rows].to(device),
-                             rollout.position_ids[rows].to(device), rollout.responses[rows].to(device),
-                             rollout.temperature)
+def _forward(model, rollout: Rollout, rows: torch.Tensor, device, share: bool = False):
+    """The policy's log-probs of ``rows``; with ``share``, each prompt among them runs once."""
+    batch = (t[rows].to(device) for t in (rollout.query_responses, rollout.attention_mask, rollout.position_ids,
+                                          rollout.responses))
+    return (forward_shared_prompts if share else forward_responses)(model, *batch, rollout.temperature)
+
+
+def _shares_prompts(model, cfg: Config, engine: Engine) -> bool:
+    """Whether the update runs each prompt of a piece once: several answers to a prompt, and a
+    critic-free causal policy whose forward keeps a cache in training."""
+    inner = engine.unwrap(model)
+    return not inner.has_critic and shares_prompts(inner.policy, cfg.rl.samples_per_prompt)
 
 
 def single_step(cfg: Config) -> bool:
@@ -268,6 +277,8 @@ def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[
     minibatch = r.minibatch_size * engine.num_processes
     pieces = forward_rows(r.forward_rows, r.minibatch_size // cfg.train.grad_accum, device, model)
     lengths = rollout.attention_mask.sum(-1).tolist()
+    share_prompts = _shares_prompts(model, cfg, engine)
+    groups = rollout.prompt_index.tolist() if share_prompts else None  # a prompt's answers in one piece
     records: list[dict] = []
     model.train()
     for _ in range(r.epochs):
@@ -275,11 +286,11 @@ def policy_update(model, rollout: Rollout, advantages: torch.Tensor, rows: list[
         for start in range(0, len(order), minibatch):
             mb = order[start:start + minibatch]
             n_seq, n_tok = float(len(mb)), float(rollout.mask[mb].sum())
-            micro = length_pieces(mb, lengths, pieces, engine.num_processes)
+            micro = length_pieces(mb, lengths, pieces, engine.num_processes, groups)
             for share in engine.micro_batches(model, micro):
                 idx = torch.tensor(share.items)
                 mask = rollout.mask[idx].to(device)
-                logprobs, _, logits = _forward(model, rollout, idx, device)
+                logprobs, _, logits = _forward(model, rollout, idx, device, share_prompts)
                 weights = aggregation_weights(mask, r.aggregation, n_seq, n_tok, cfg.generation.max_new_tokens)
                 if single_step(cfg):  # the sampling policy is this forward's; rollout.logprobs are the sampler's
                     old = logprobs.detach()
@@ -320,6 +331,7 @@ def dpo_update(model, rollout: Rollout, pairs: list[tuple[int, int]], optimizer,
     pieces = max(1, forward_rows(r.forward_rows, r.minibatch_size // cfg.train.grad_accum, device, model) // 2)
     lengths = rollout.attention_mask.sum(-1).tolist()
     pair_lengths = [max(lengths[c], lengths[j]) for c, j in pairs]
+    share_prompts = _shares_prompts(model, cfg, engine)  # a pair's two answers run their prompt once
     ref = sequence_logprobs(rollout.ref_logprobs, rollout.mask)
     records: list[dict] = []
     model.train()
@@ -333,7 +345,7 @@ def dpo_update(model, rollout: Rollout, pairs: list[tuple[int, int]], optimizer,
                 rejected = torch.tensor([pairs[i][1] for i in share.items])
                 idx = torch.cat([chosen, rejected])
                 mask = rollout.mask[idx].to(device)
-                logprobs, _, logits = _forward(model, rollout, idx, device)
+                logprobs, _, logits = _forward(model, rollout, idx, device, share_prompts)
                 seq = sequence_logprobs(logprobs, mask)
                 n = len(chosen)
                 loss, m = loss_fn(seq[:n], seq[n:], ref[chosen].to(device), ref[rejected].to(device))
