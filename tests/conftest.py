@@ -23,3 +23,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def forward_tokens():
+    """``watch(model) -> tokens``: each call of ``model`` appends how many tokens it runs, its new
+    columns' attention (a KV cache's columns and padding not counted). Unhooked after the test."""
+    hooks = []
+
+    def watch(model) -> list[int]:
+        tokens: list[int] = []
+
+        def count(module, args, kwargs):
+            tokens.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum()))
+
+        hooks.append(model.register_forward_pre_hook(count, with_kwargs=True))
+        return tokens
+
+    yield watch
+    for hook in hooks:
+        hook.remove()

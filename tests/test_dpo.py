@@ -261,7 +261,7 @@ def test_the_lm_head_runs_only_where_a_response_token_is_predicted(tiny_tokenize
     assert widths == [12] and logits.shape[1] == 11 and not mask.any()
 
 
-def test_chosen_and_rejected_run_their_shared_prompt_once_with_the_same_log_probs(monkeypatch):
+def test_chosen_and_rejected_run_their_shared_prompt_once_with_the_same_log_probs(monkeypatch, forward_tokens):
     # Examples 0-3 share their prompt between chosen and rejected; example 4's rejected gets another
     # prompt (as truncation can make it), so it runs as two whole sequences. The log-probs, lengths and
     # gradients are those of every sequence run whole; the model sees each shared prompt once.
@@ -278,10 +278,7 @@ def test_chosen_and_rejected_run_their_shared_prompt_once_with_the_same_log_prob
     examples[4] = recipe.Example(examples[4].a, Encoded([7, 8, 9] + other.input_ids[other.prompt_len:], 3))
     assert [recipe._same_prompt(e) for e in examples] == [True] * 4 + [False]
     model = load_causal_lm(ModelConfig(name="tiny:llama", seed=1), tokenizer=tok)
-    tokens = []  # the tokens each forward runs: its new columns' attention (a cache's columns not counted)
-    model.register_forward_pre_hook(
-        lambda m, args, kw: tokens.append(int(kw["attention_mask"][:, -kw["input_ids"].shape[1]:].sum())),
-        with_kwargs=True)
+    tokens = forward_tokens(model)
     results = {}
     for share in (True, False):
         monkeypatch.setattr(recipe, "can_share_prefixes", lambda m: share)
@@ -296,11 +293,12 @@ def test_chosen_and_rejected_run_their_shared_prompt_once_with_the_same_log_prob
     torch.testing.assert_close(grad, whole_grad, atol=1e-4, rtol=1e-4)
     # a response's length is its tokens: the sequence minus its prompt
     assert shared.len_a.tolist() == [len(e.a.input_ids) - e.a.prompt_len for e in examples]
-    # each shared prompt once, then every answer; example 4's two sequences whole
+    # each shared prompt but its last token once, then every answer after that token (whose logits
+    # predict the answer's first); example 4's two sequences whole
     prompts = sum(e.a.prompt_len for e in examples[:4])
     answers = sum(len(s.input_ids) - s.prompt_len for e in examples[:4] for s in (e.a, e.b))
-    assert run == prompts + answers + len(examples[4].a.input_ids) + len(examples[4].b.input_ids)
-    assert whole_run == sum(len(s.input_ids) for e in examples for s in (e.a, e.b)) == run + prompts
+    assert run == (prompts - 4) + (8 + answers) + len(examples[4].a.input_ids) + len(examples[4].b.input_ids)
+    assert whole_run == sum(len(s.input_ids) for e in examples for s in (e.a, e.b)) == run + prompts - 4
     # under gradient checkpointing transformers gives no cache in training: whole sequences
     from alignkit.shared_prefix import can_share_prefixes
     from alignkit.training import enable_gradient_checkpointing

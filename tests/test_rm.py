@@ -222,7 +222,7 @@ def test_a_decoder_scorer_builds_no_kv_cache_in_its_forwards(tiny_tokenizer):
     assert getattr(out, "past_key_values", None) is None
 
 
-def test_texts_run_the_start_they_share_with_their_partners_once(tiny_tokenizer, monkeypatch):
+def test_texts_run_the_start_they_share_with_their_partners_once(tiny_tokenizer, monkeypatch, forward_tokens):
     # A ranking of 3 answers (3 pairs over 3 texts) and a pair to another prompt. A causal scorer runs
     # each prompt's tokens once and every text's own tokens after them; scores and gradients are those
     # of every text run whole, and the saving is the shared start, once per extra text.
@@ -240,10 +240,7 @@ def test_texts_run_the_start_they_share_with_their_partners_once(tiny_tokenizer,
     data = rm.encode_pairs(rm_input, pairs, "raise")
     assert len(data.texts) == 5
     model = load_sequence_scorer(ModelConfig(name="tiny:llama", seed=2), tokenizer=tiny_tokenizer)
-    tokens = []  # the tokens each forward runs: its new columns' attention (a cache's columns not counted)
-    model.register_forward_pre_hook(
-        lambda m, args, kw: tokens.append(int(kw["attention_mask"][:, -kw["input_ids"].shape[1]:].sum())),
-        with_kwargs=True)
+    tokens = forward_tokens(model)
     results = {}
     for share in (True, False):
         monkeypatch.setattr(rm, "can_share_prefixes", lambda m: share)

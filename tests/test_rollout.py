@@ -420,7 +420,7 @@ def test_the_compiled_static_cache_step_on_cuda_samples_as_the_dynamic_cache(tok
         torch.testing.assert_close(static[1], dynamic[1], atol=1e-4, rtol=0)
 
 
-def test_answers_to_one_prompt_run_it_once_with_the_log_probs_and_gradients_of_whole_rows(tok):
+def test_answers_to_one_prompt_run_it_once_with_the_log_probs_and_gradients_of_whole_rows(tok, forward_tokens):
     from alignkit.rollout import forward_responses, forward_shared_prompts, shares_prompts
     from alignkit.training import enable_gradient_checkpointing
 
@@ -432,12 +432,7 @@ def test_answers_to_one_prompt_run_it_once_with_the_log_probs_and_gradients_of_w
     responses = [[12, 13, 14], [], [15, 16, 17, 18, 19, 20], [21], [22, 23]]
     owner = [0, 0, 0, 1, 1]
     ids, attn, pos, resp, mask, P = layout([prompts[o] for o in owner], responses, 0)
-    tokens = []
-
-    def count(module, args, kwargs):  # the tokens a call runs: its inputs' attention, padding left out
-        tokens.append(int(kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:].sum()))
-
-    hook = policy.register_forward_pre_hook(count, with_kwargs=True)
+    tokens = forward_tokens(policy)
     runs = {}
     for name, run in (("whole", lambda: forward_responses(ac, ids, attn, pos, resp, 0.7)),
                       ("shared", lambda: forward_shared_prompts(ac, ids, attn, pos, resp, 0.7))):
@@ -447,7 +442,6 @@ def test_answers_to_one_prompt_run_it_once_with_the_log_probs_and_gradients_of_w
         (logprobs * mask).sum().backward()
         runs[name] = (torch.where(mask, logprobs, 0).detach(), values, logits.shape, sum(tokens),
                       {n: p.grad.clone() for n, p in ac.named_parameters() if p.grad is not None})
-    hook.remove()
     whole, shared = runs["whole"], runs["shared"]
     torch.testing.assert_close(shared[0], whole[0], atol=1e-5, rtol=0)
     assert shared[1] is None and shared[2] == whole[2] == (5, 6, 1024)  # the longest answer's 6 columns
@@ -466,10 +460,8 @@ def test_answers_to_one_prompt_run_it_once_with_the_log_probs_and_gradients_of_w
     # a prompt of one token leaves nothing to share: rows run whole
     one = layout([[5], [5]], [[6, 7], [8]], 0)
     tokens.clear()
-    hook = policy.register_forward_pre_hook(count, with_kwargs=True)
     with torch.no_grad():
         torch.testing.assert_close(forward_shared_prompts(ac, *one[:4], 0.7)[0], forward_responses(ac, *one[:4], 0.7)[0])
-    hook.remove()
     assert tokens == [5, 5]  # one call each, on the same 5 tokens
     # when it applies: several answers a prompt, a causal model keeping its cache, no critic on the trunk
     assert shares_prompts(policy, 4) and not shares_prompts(policy, 1)

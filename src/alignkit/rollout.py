@@ -712,23 +712,20 @@ def ppo_rollout(actor_critic, tokenizer, prompt_ids: list[list[int]], gen: Gener
     # rows of like length together: little padding; with n answers per prompt, a prompt's answers
     # together, each chunk running its prompts once
     share = shares_prompts(scorer.policy, n)
+    ref_forward = forward_shared_prompts if share else forward_responses
+    policy_forward = forward_shared_prompts if share and not scorer.has_critic else forward_responses
     by_length = sorted(mine, key=lambda j: (jobs[j][0] if share else 0, lengths[j], j))
     for start in range(0, len(by_length), forward_batch_size):
         chunk = by_length[start:start + forward_batch_size]
         sel = torch.tensor(chunk)
         batch = (ids[sel].to(device), attn[sel].to(device), pos[sel].to(device), resp[sel].to(device))
-        if share:
-            ref_lp = forward_shared_prompts(reference, *batch, gen.temperature)[0]
-        else:
-            ref_lp, _, _ = forward_responses(reference, *batch, gen.temperature)
+        ref_lp, _, _ = ref_forward(reference, *batch, gen.temperature)
         if from_sampler and head is not None:
             lp, v = sampler_logprobs[sel], sampler_values[sel]
         elif from_sampler:  # a separate value model: its forward alone
             lp, v = sampler_logprobs[sel], forward_responses(values_alone, *batch, gen.temperature)[1]
-        elif score_policy and share and not scorer.has_critic:
-            lp, v, _ = forward_shared_prompts(scorer, *batch, gen.temperature)
         elif score_policy:
-            lp, v, _ = forward_responses(scorer, *batch, gen.temperature)
+            lp, v, _ = policy_forward(scorer, *batch, gen.temperature)
         else:
             lp, v = sampler_logprobs[sel], None
         v = torch.zeros_like(lp) if v is None else v  # a critic-free policy: values are 0

@@ -291,9 +291,10 @@ def sequence_logps(model, examples: list[Example], pad_id: int, average: bool = 
 
 
 def _same_prompt(e: Example) -> bool:
-    """Both sequences have answers after one and the same prompt (truncation can make them differ)."""
+    """Both sequences have answers after one and the same prompt of two tokens or more (truncation can
+    make them differ; a one-token prompt leaves nothing to run once)."""
     a, b = e.a, e.b
-    return (0 < a.prompt_len == b.prompt_len and len(a.input_ids) > a.prompt_len and len(b.input_ids) > b.prompt_len
+    return (1 < a.prompt_len == b.prompt_len and len(a.input_ids) > a.prompt_len and len(b.input_ids) > b.prompt_len
             and a.input_ids[:a.prompt_len] == b.input_ids[:b.prompt_len])
 
 
@@ -301,28 +302,28 @@ def _shared_prompt_logps(model, examples: list[Example], pad_id: int, average: b
     """``(a, b, len_a, len_b)`` for examples whose two sequences share their prompt, or None when the
     model gives no KV cache.
 
-    The prompts run once (:func:`~alignkit.shared_prefix.prefix_forward`); the last column's
-    logits predict each answer's first token; the answers run after them in chunks of
-    ``FORWARD_CHUNK``. With SmolLM2's chat template a preference pair's prompt is about
-    half of each sequence: this is about a fifth fewer tokens a pair, forward and
-    backward, than running each prompt twice.
+    The prompts but their last token run once (:func:`~alignkit.shared_prefix.prefix_forward`,
+    for the cache alone); each answer runs after them with its prompt's last token first, whose
+    logits predict the answer's first token, in chunks of ``FORWARD_CHUNK``. (All logits come
+    from whole chunks: a one-column slice of the prompts' forward reaches the LM head by another
+    matmul path for trained than for frozen weights, and rounds differently from the reference's
+    forward; see :func:`alignkit.rollout.forward_shared_prompts`.) With SmolLM2's chat
+    template a preference pair's prompt is about half of each sequence: this is about a fifth
+    fewer tokens a pair, forward and backward, than running each prompt twice.
     """
     device = next(model.parameters()).device
     n = len(examples)
-    answers = [seq.input_ids[seq.prompt_len:] for seq in [e.a for e in examples] + [e.b for e in examples]]
-    run = prefix_forward(model, [e.a.input_ids[:e.a.prompt_len] for e in examples], answers,
+    answers = [seq.input_ids[seq.prompt_len - 1:] for seq in [e.a for e in examples] + [e.b for e in examples]]
+    run = prefix_forward(model, [e.a.input_ids[:e.a.prompt_len - 1] for e in examples], answers,
                          [i % n for i in range(2 * n)], pad_id, FORWARD_CHUNK, logits_to_keep=1)
     if run is None:
         return None
-    prompts_out, chunks = run
     logps = torch.zeros(2 * n, device=device)
-    for c in chunks:
-        first = token_logprobs(prompts_out.logits[c.owner, -1:], c.ids[:, :1])  # the prompt's last column: token 0
-        rest = token_logprobs(c.out.logits[:, :-1], c.ids[:, 1:])  # answer position t predicts answer token t+1
+    for c in run[1]:  # position t predicts token t+1: the prompt's last token predicts the answer's first
         logps = logps.index_put((torch.tensor(c.rows, device=device),),
-                                sequence_logprobs(torch.cat([first, rest], dim=1), c.mask,
+                                sequence_logprobs(token_logprobs(c.out.logits[:, :-1], c.ids[:, 1:]), c.mask[:, 1:],
                                                   average=average).to(logps.dtype))
-    lengths = torch.tensor([len(r) for r in answers], device=device)
+    lengths = torch.tensor([len(r) - 1 for r in answers], device=device)
     return logps[:n], logps[n:], lengths[:n], lengths[n:]
 
 
